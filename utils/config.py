@@ -1,0 +1,194 @@
+"""YAML + command-line configuration.
+
+A YAML file sets the parser's defaults, the command line overrides them, and argparse
+type-checks both. An unknown YAML key is an error naming the key and the file. A YAML may
+layer over another one with ``base_yaml: <path relative to this YAML>`` (attack configs layer
+over the training recipe in ``config/attack/prototype/<dataset>.yaml``).
+
+Relative paths (the YAML path and every option whose type is :func:`path_arg`) resolve
+against the current directory when they exist there, otherwise against the script's own
+folder: that is what lets BackdoorBench-style commands such as
+``python ./attack/badnet_attack.py --yaml_path ../config/attack/badnet/cifar10.yaml``
+run verbatim from the repository root.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import yaml
+
+from . import REPO_ROOT, UserError
+
+BASE_KEY = 'base_yaml'
+
+
+def str2bool(value: str) -> bool:
+    """argparse type for booleans written as true/false, yes/no, 1/0."""
+    text = str(value).strip().lower()
+    if text in ('true', 'yes', '1', 'on'):
+        return True
+    if text in ('false', 'no', '0', 'off'):
+        return False
+    raise argparse.ArgumentTypeError(f'expected true or false, got {value!r}')
+
+
+def resolve_path(value: str | None, script_dir: Path | None) -> str | None:
+    """Absolute path for ``value``: the current directory wins if the path exists there,
+    then the script's folder, else the current directory (so errors name a real place)."""
+    if value is None or value == '':
+        return value
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return str(path)
+    here = Path.cwd() / path
+    if here.exists() or script_dir is None:
+        return str(here.resolve())
+    beside_script = Path(script_dir) / path
+    if beside_script.exists():
+        return str(beside_script.resolve())
+    return str(here.resolve())
+
+
+def path_arg(value: str) -> str:
+    """argparse type marking a path option: resolved by :func:`parse_config` (see the module doc)."""
+    return str(value)
+
+
+class ToolkitParser(argparse.ArgumentParser):
+    """ArgumentParser that knows its script's folder and reports errors in one line."""
+
+    def __init__(self, *args, script_file: str | None = None, **kwargs):
+        kwargs.setdefault('formatter_class', argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.script_dir = Path(script_file).resolve().parent if script_file else None
+
+    def error(self, message):  # one line, exit code 2 (argparse's code for usage errors)
+        self.exit(2, f'{self.prog}: error: {message} (see --help)\n')
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, tuple[Any, Path]]:
+    """Flattened {key: (value, file it came from)}, following ``base_yaml`` includes."""
+    if path in seen:
+        raise UserError(f'{path}: base_yaml includes itself')
+    if not path.is_file():
+        raise UserError(f'config file not found: {path}')
+    try:
+        content = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        first = str(exc).strip().splitlines()
+        raise UserError(f'{path}: malformed YAML ({" ".join(line.strip() for line in first[:3])})') from None
+    if content is None:
+        content = {}
+    if not isinstance(content, dict):
+        raise UserError(f'{path}: expected a mapping of option: value, got {type(content).__name__}')
+    merged: dict[str, tuple[Any, Path]] = {}
+    base = content.pop(BASE_KEY, None)
+    if base is not None:
+        merged.update(_read_yaml((path.parent / str(base)).resolve(), seen + (path,)))
+    merged.update({str(k): (v, path) for k, v in content.items()})
+    return merged
+
+
+def _check_value(action: argparse.Action, key: str, value: Any, source: Path) -> Any:
+    """Run a YAML value through the same type and choices checks as the command line."""
+    if value is None:
+        return None
+    values = value if isinstance(value, list) else [value]
+    if action.nargs in (None, '?') and isinstance(value, list):
+        raise UserError(f'{source}: {key} expects a single value, got a list')
+    checked = []
+    for item in values:
+        if action.type is not None and not (action.type is str and isinstance(item, str)):
+            text = str(item).lower() if isinstance(item, bool) else str(item)
+            try:
+                item = action.type(text)
+            except (argparse.ArgumentTypeError, TypeError, ValueError) as exc:
+                raise UserError(f'{source}: invalid value for {key}: {value!r} ({exc})') from None
+        elif action.type is None and not isinstance(item, (str, bool)) and action.const is None:
+            item = str(item)
+        if action.choices is not None and item not in action.choices:
+            raise UserError(f'{source}: invalid value for {key}: {item!r} '
+                            f'(choose from {", ".join(map(str, action.choices))})')
+        checked.append(item)
+    return checked if isinstance(value, list) else checked[0]
+
+
+def parse_config(parser: ToolkitParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse ``--yaml_path`` first, make its keys the parser's defaults, then parse the rest."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument('--yaml_path')
+    known, _ = pre.parse_known_args(argv)
+    if known.yaml_path:
+        yaml_file = Path(resolve_path(known.yaml_path, parser.script_dir))
+        actions = {a.dest: a for a in parser._actions if a.dest not in ('help', 'yaml_path')}
+        defaults = {}
+        for key, (value, source) in _read_yaml(yaml_file).items():
+            if key not in actions:
+                raise UserError(f'{source}: unknown key {key!r} (valid keys: {", ".join(sorted(actions))})')
+            defaults[key] = _check_value(actions[key], key, value, source)
+        parser.set_defaults(**defaults)
+    args = parser.parse_args(argv)
+    for action in parser._actions:
+        if action.type is path_arg:
+            setattr(args, action.dest, resolve_path(getattr(args, action.dest), parser.script_dir))
+    return args
+
+
+def add_common_arguments(parser: ToolkitParser) -> None:
+    """Options every attack and defense script shares."""
+    parser.add_argument('--yaml_path', type=path_arg, help='YAML file whose keys set the defaults of these options')
+    parser.add_argument('--device', default='auto', help='auto (CUDA when present, else CPU), cpu, cuda or cuda:N')
+    parser.add_argument('--random_seed', type=int, default=0, help='seeds Python, NumPy and torch; subsets and poison indices derive from it')
+    parser.add_argument('--amp', type=str2bool, default=True, help='mixed precision (used on CUDA only)')
+    parser.add_argument('--record_root', default=str(REPO_ROOT / 'record'), type=path_arg,
+                        help='folder holding one sub-folder per record')
+
+
+def resolve_device(name: str):
+    """``auto`` -> CUDA when present, else CPU; ``cpu``, ``cuda`` and ``cuda:N`` as given."""
+    import torch
+    if name == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f'unknown device {name!r} (use auto, cpu, cuda or cuda:N)') from None
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise UserError(f'device {name!r} requested but CUDA is not available (use --device auto or cpu)')
+    if device.type == 'cuda' and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f'device {name!r} requested but only {torch.cuda.device_count()} GPU(s) are visible')
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and every GPU)."""
+    import torch
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def config_to_dict(args: argparse.Namespace) -> dict[str, Any]:
+    """Plain-value dict of the resolved config (what goes into config.yaml and the record)."""
+    return {k: v for k, v in sorted(vars(args).items()) if isinstance(v, (str, int, float, bool, list, type(None)))}
+
+
+def run_main(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> int:
+    """Call a script's main; a UserError becomes one line on stderr and exit code 2."""
+    import warnings
+    warnings.formatwarning = lambda message, category, *rest, **kw: f'warning: {message}\n'
+    try:
+        main(argv)
+    except UserError as exc:
+        print(f'error: {exc}', file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print('interrupted: the last completed epoch is checkpointed; rerun with --resume to continue', file=sys.stderr)
+        return 130
+    return 0

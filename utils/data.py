@@ -1,0 +1,199 @@
+"""Datasets as in-memory uint8 tensors, class-balanced subsets and batched augmentation."""
+from __future__ import annotations
+
+import hashlib
+import pickle
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import UserError
+
+
+@dataclass
+class Split:
+    """A dataset split: ``images`` uint8 (N, C, H, W) and ``labels`` int64 (N,)."""
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: torch.Tensor) -> 'Split':
+        return Split(self.images[index], self.labels[index])
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    hflip: bool  # whether horizontal flips keep an image's class
+    load: Callable[[Path], tuple[Split, Split]]
+
+
+DATASETS: dict[str, DatasetSpec] = {}
+
+
+def register_dataset(name: str, **spec):
+    def wrap(load):
+        DATASETS[name] = DatasetSpec(load=load, **spec)
+        return load
+    return wrap
+
+
+def dataset_spec(name: str) -> DatasetSpec:
+    if name not in DATASETS:
+        raise UserError(f'unknown dataset {name!r} (known: {", ".join(sorted(DATASETS))})')
+    return DATASETS[name]
+
+
+def load_dataset(name: str, path: str | Path) -> tuple[Split, Split]:
+    """(train, test) splits of dataset ``name`` found under ``path`` (downloaded there when absent)."""
+    return dataset_spec(name).load(Path(path))
+
+
+# --------------------------------------------------------------------------- CIFAR
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def _read_cifar_batches(folder: Path, files: list[str], label_key: str) -> Split:
+    images, labels = [], []
+    for name in files:
+        try:
+            with open(folder / name, 'rb') as handle:
+                batch = pickle.load(handle, encoding='latin1')
+            images.append(np.asarray(batch['data'], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            labels.append(np.asarray(batch[label_key], dtype=np.int64))
+        except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError) as exc:
+            raise UserError(f'{folder / name}: unreadable dataset batch ({exc})') from None
+    return Split(torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)))
+
+
+def _load_cifar(path: Path, tv_class_name: str, label_key: str) -> tuple[Split, Split]:
+    """Read the standard pickle layout directly; checksums are checked against torchvision's
+    list and a mismatch is a warning (a reordered but pixel-exact copy is still valid data)."""
+    import torchvision.datasets as tvd
+    tv_class = getattr(tvd, tv_class_name)
+    base = tv_class.base_folder
+    candidates = [path, path / base, path / tv_class_name.lower() / base]
+    if tv_class_name == 'CIFAR10':
+        candidates.append(path / 'cifar10' / base)
+    else:
+        candidates.append(path / 'cifar100' / base)
+    expected = dict(tv_class.train_list + tv_class.test_list)
+    folder = next((c for c in candidates if all((c / f).is_file() for f in expected)), None)
+    if folder is None:
+        target = path / tv_class_name.lower()
+        try:
+            tv_class(str(target), train=True, download=True)
+            tv_class(str(target), train=False, download=True)
+        except Exception as exc:  # no network, no permission, interrupted download ...
+            looked = ', '.join(str(c) for c in dict.fromkeys(candidates))
+            raise UserError(f'{tv_class_name} not found (looked in {looked}) and the download into {target} '
+                            f'failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ""})') from None
+        folder = target / base
+    mismatched = [f for f, md5 in expected.items() if _md5(folder / f) != md5]
+    if mismatched:
+        warnings.warn(f'{folder}: md5 of {", ".join(mismatched)} differs from the official archive; '
+                      'reading the batches directly (expected for a reordered copy)', stacklevel=2)
+    train = _read_cifar_batches(folder, [f for f, _ in tv_class.train_list], label_key)
+    test = _read_cifar_batches(folder, [f for f, _ in tv_class.test_list], label_key)
+    return train, test
+
+
+@register_dataset('cifar10', num_classes=10, input_shape=(3, 32, 32),
+                  mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616), hflip=True)
+def load_cifar10(path: Path) -> tuple[Split, Split]:
+    return _load_cifar(path, 'CIFAR10', 'labels')
+
+
+@register_dataset('cifar100', num_classes=100, input_shape=(3, 32, 32),
+                  mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762), hflip=True)
+def load_cifar100(path: Path) -> tuple[Split, Split]:
+    return _load_cifar(path, 'CIFAR100', 'fine_labels')
+
+
+@register_dataset('gtsrb', num_classes=43, input_shape=(3, 32, 32),
+                  mean=(0.3403, 0.3121, 0.3214), std=(0.2724, 0.2608, 0.2669), hflip=False)
+def load_gtsrb(path: Path) -> tuple[Split, Split]:
+    """GTSRB through torchvision (downloaded when absent), every image resized to 32x32."""
+    import torchvision.datasets as tvd
+    from torchvision.transforms.functional import pil_to_tensor, resize
+
+    root = path / 'gtsrb'
+
+    def read(split: str) -> Split:
+        try:
+            data = tvd.GTSRB(str(root), split=split, download=True)
+        except Exception as exc:
+            raise UserError(f'GTSRB not found in {root} and the download failed ({type(exc).__name__})') from None
+        images, labels = [], []
+        for img, label in data:
+            images.append(resize(pil_to_tensor(img.convert('RGB')), [32, 32], antialias=True))
+            labels.append(label)
+        return Split(torch.stack(images), torch.tensor(labels, dtype=torch.int64))
+
+    return read('train'), read('test')
+
+
+# --------------------------------------------------------------------------- subsets
+def class_balanced_subset(labels: torch.Tensor, ratio: float, seed: int) -> torch.Tensor:
+    """Sorted indices of ``round(ratio * n_c)`` seeded-random samples from every class c."""
+    generator = torch.Generator().manual_seed(seed)
+    chosen = []
+    for cls in torch.unique(labels):
+        members = torch.nonzero(labels == cls).flatten()
+        count = max(1, int(round(ratio * len(members))))
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:count]])
+    return torch.sort(torch.cat(chosen)).values
+
+
+def load_splits(name: str, path: str | Path, train_fraction: float = 1.0, test_fraction: float = 1.0,
+                seed: int = 0) -> tuple[Split, Split]:
+    """``load_dataset`` reduced to class-balanced, seeded fractions (for quick runs and tests).
+    Attacks and the defenses that reload a record's clean data both call this, with the same
+    values, so indices stored in a record always refer to the same images."""
+    for label, fraction in (('train_fraction', train_fraction), ('test_fraction', test_fraction)):
+        if not 0 < fraction <= 1:
+            raise UserError(f'{label} must lie in (0, 1], got {fraction}')
+    train, test = load_dataset(name, path)
+    if train_fraction < 1:
+        train = train.subset(class_balanced_subset(train.labels, train_fraction, seed))
+    if test_fraction < 1:
+        test = test.subset(class_balanced_subset(test.labels, test_fraction, seed + 1))
+    return train, test
+
+
+# --------------------------------------------------------------------------- augmentation
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float in [0, 1]."""
+    return images.float().div_(255)
+
+
+def augment(images: torch.Tensor, generator: torch.Generator, hflip: bool, padding: int = 4) -> torch.Tensor:
+    """Random crop with zero padding and random horizontal flip, batched on ``images``' device.
+
+    ``images`` is float (N, C, H, W); the random draws come from ``generator`` (on the CPU) so
+    a run is reproducible on any device."""
+    n, c, h, w = images.shape
+    device = images.device
+    padded = F.pad(images, (padding, padding, padding, padding))
+    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(device)
+    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(device)
+    rows = (dy[:, None] + torch.arange(h, device=device))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=device))[:, None, None, :]
+    batch = torch.arange(n, device=device)[:, None, None, None]
+    channel = torch.arange(c, device=device)[None, :, None, None]
+    out = padded[batch, channel, rows, cols]
+    if hflip:
+        flip = (torch.rand(n, generator=generator) < 0.5).to(device)
+        out = torch.where(flip[:, None, None, None], out.flip(3), out)
+    return out

@@ -1,0 +1,46 @@
+"""The one evaluation function: ACC, ASR and RA (and DER when comparing a defended model)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .data import Split, to_float
+from .poison import PoisonedSet
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 512) -> torch.Tensor:
+    """Top-1 predictions (int64, on the CPU) for ``images`` (uint8 pixels or floats in [0, 1]);
+    the model is put in eval mode for the call and its previous mode restored."""
+    was_training = model.training
+    model.eval()
+    preds = []
+    try:
+        for start in range(0, len(images), batch_size):
+            batch = images[start:start + batch_size].to(device, non_blocking=True)
+            batch = to_float(batch) if batch.dtype == torch.uint8 else batch
+            preds.append(model(batch).argmax(1).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(preds) if preds else torch.empty(0, dtype=torch.int64)
+
+
+def evaluate(model: nn.Module, clean: Split, backdoor: PoisonedSet | None, device: torch.device,
+             batch_size: int = 512) -> dict[str, float]:
+    """ACC on ``clean``; ASR (prediction == backdoor label) and RA (prediction == original label)
+    on the poisoned test inputs ``backdoor``. Fractions in [0, 1]; ASR/RA are NaN without a backdoor set."""
+    metrics = {'acc': (predict(model, clean.images, device, batch_size) == clean.labels).float().mean().item()}
+    if backdoor is not None and len(backdoor):
+        preds = predict(model, backdoor.images, device, batch_size)
+        metrics['asr'] = (preds == backdoor.backdoor_labels).float().mean().item()
+        metrics['ra'] = (preds == backdoor.original_labels).float().mean().item()
+    else:
+        metrics['asr'] = metrics['ra'] = float('nan')
+    return metrics
+
+
+def defense_effectiveness_rating(before: dict[str, float], after: dict[str, float]) -> float:
+    """DER (BackdoorBench, Wu et al. 2022): [max(0, dASR) - max(0, dACC) + 1] / 2, in [0, 1]."""
+    asr_drop = max(0.0, before['asr'] - after['asr'])
+    acc_drop = max(0.0, before['acc'] - after['acc'])
+    return (asr_drop - acc_drop + 1) / 2
