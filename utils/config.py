@@ -96,6 +96,8 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, tuple[Any, 
 
 def _check_value(action: argparse.Action, key: str, value: Any, source: Path) -> Any:
     """Run a YAML value through the same type and choices checks as the command line."""
+    if value is None and action.default is not None:
+        raise UserError(f'{source}: {key} needs a value (got an empty value)')
     if value is None:
         return None
     values = value if isinstance(value, list) else [value]
@@ -115,13 +117,13 @@ def _check_value(action: argparse.Action, key: str, value: Any, source: Path) ->
             raise UserError(f'{source}: invalid value for {key}: {item!r} '
                             f'(choose from {", ".join(map(str, action.choices))})')
         checked.append(item)
-    return checked if isinstance(value, list) else checked[0]
+    return checked if isinstance(value, list) or action.nargs in ('*', '+') else checked[0]
 
 
 def parse_config(parser: ToolkitParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse ``--yaml_path`` first, make its keys the parser's defaults, then parse the rest."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = ToolkitParser(add_help=False, prog=parser.prog)
     pre.add_argument('--yaml_path')
     known, _ = pre.parse_known_args(argv)
     if known.yaml_path:
