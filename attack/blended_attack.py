@@ -1,0 +1,95 @@
+"""Blended (Chen et al., "Targeted Backdoor Attacks on Deep Learning Systems Using Data Poisoning",
+2017): the trigger is a whole image ``t`` blended into the input with the paper's blended-injection
+function ``x' = (1 - alpha) * x + alpha * t``.
+
+Defaults: ``alpha = 0.2`` for training and test (BackdoorBench's ``attack_train_blended_alpha`` /
+``attack_test_blended_alpha``), and the paper's random-pattern key: a uniform-noise image whose
+pixels are independent integers in 0..255, generated from ``pattern_seed`` (independent of
+``random_seed``, so one trigger can serve several training seeds). ``attack_trigger_img_path``
+blends an image file instead (BackdoorBench's CIFAR-10 default is Hello Kitty), resized to the input size.
+
+Pixels: ``x`` and ``t`` are uint8; the blend is computed in float64 in exactly that order,
+``(1 - alpha) * x + alpha * t``, rounded to the nearest integer (ties to even, ``torch.round``)
+and clamped to 0..255. A test can therefore reproduce every poisoned pixel exactly."""
+import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # noqa: E702
+
+import math
+
+import torch
+
+from utils import UserError
+from utils.attack import Attack
+from utils.config import path_arg, run_main
+from utils.triggers import load_trigger_image
+
+CHUNK = 2048  # images per float64 block (bounds the temporary memory)
+
+
+def noise_pattern(input_shape, seed: int) -> torch.Tensor:
+    """The random-pattern key: uint8 (C, H, W), every pixel uniform in 0..255, from ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, tuple(input_shape), generator=generator, dtype=torch.uint8)
+
+
+def blend(images: torch.Tensor, pattern: torch.Tensor, alpha: float) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> uint8: ``round((1 - alpha) * x + alpha * t)`` in float64, ties to even."""
+    weight = pattern.double() * alpha
+    out = [((1.0 - alpha) * chunk.double() + weight).round_().clamp_(0, 255).to(torch.uint8)
+           for chunk in images.split(CHUNK)]
+    return torch.cat(out) if out else images.clone()
+
+
+class Blended(Attack):
+    """Blended: x' = (1 - alpha) x + alpha t, alpha 0.2, t a seeded uniform-noise image (or an image file)."""
+    name = 'blended'
+
+    def add_arguments(self, parser):
+        parser.add_argument('--attack_train_blended_alpha', type=float, default=0.2,
+                            help='blend weight alpha of the trigger in the poisoned training images (0..1)')
+        parser.add_argument('--attack_test_blended_alpha', type=float, default=0.2,
+                            help='blend weight alpha of the trigger in the poisoned test images (0..1)')
+        parser.add_argument('--attack_trigger_img_path', default=None, type=path_arg,
+                            help='trigger image (resized to the input size); default: a seeded uniform-noise pattern')
+        parser.add_argument('--pattern_seed', type=int, default=0,
+                            help='seed of the uniform-noise pattern (independent of random_seed)')
+
+    def setup(self, args, spec):
+        for key in ('attack_train_blended_alpha', 'attack_test_blended_alpha'):
+            value = getattr(args, key)
+            if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+                raise UserError(f'{key} must lie in [0, 1], got {value}')
+        if args.attack_trigger_img_path:
+            self.pattern = load_trigger_image(args.attack_trigger_img_path, spec.input_shape)
+        else:
+            if args.pattern_seed < 0:
+                raise UserError(f'pattern_seed must be >= 0, got {args.pattern_seed}')
+            self.pattern = noise_pattern(spec.input_shape, args.pattern_seed)
+        self.train_alpha = float(args.attack_train_blended_alpha)
+        self.test_alpha = float(args.attack_test_blended_alpha)
+        self.alpha = self.test_alpha  # apply_trigger's alpha: the test-time trigger outside poison_train
+
+    def poison_train(self, train, args, spec):
+        """The shared poisoning, with the training alpha."""
+        self.alpha = self.train_alpha
+        try:
+            return super().poison_train(train, args, spec)
+        finally:
+            self.alpha = self.test_alpha
+
+    def apply_trigger(self, images):
+        return blend(images, self.pattern, self.alpha)
+
+    def record_extras(self):
+        return {'trigger': {'pattern': self.pattern, 'train_alpha': self.train_alpha,
+                            'test_alpha': self.test_alpha}}
+
+
+ATTACK = Blended
+
+
+def main(argv=None):
+    return Blended().run(__file__, argv)
+
+
+if __name__ == '__main__':
+    sys.exit(run_main(main))
