@@ -40,7 +40,7 @@ class DefenseContext:
         self.spec = dataset_spec(record['dataset'])
 
     def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
-        return evaluate(model or self.model, self.test, self.bd_test, self.device)
+        return evaluate(self.model if model is None else model, self.test, self.bd_test, self.device)
 
 
 class Defense:
