@@ -6,8 +6,8 @@ the flagged channels (and scores) are identical.
     python bench/fmp_rank.py --model preactresnet18 --layers 6      # first 6 conv layers only
     python bench/fmp_rank.py --result_file badnet_cifar10           # a trained record's model
 
-Without ``--result_file`` the model has random weights and the images are random (timing only);
-with it, the record's model ranks real clean images from its dataset. Not a test: it can take long.
+Without ``--result_file`` the model has random weights and ranks real CIFAR-10 test images labelled
+with its own predictions; with it, the record's model ranks real clean images from its dataset. Not a test: it can take long.
 """
 import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # noqa: E702
 
@@ -18,8 +18,9 @@ import torch
 
 from models import build_model
 from utils.config import resolve_device, run_main
-from utils.data import load_splits
+from utils.data import dataset_spec, load_splits
 from utils.defense import load_record_model
+from utils.evaluate import predict
 from utils.fmp import RankSettings, conv_layers, flag_channels, rank_feature_maps, rank_reference
 from utils.record import load_attack_record, record_folder
 from utils import REPO_ROOT
@@ -30,6 +31,7 @@ def main(argv=None):
     parser.add_argument('--model', default='resnet20', help='registry model with random weights (ignored with --result_file)')
     parser.add_argument('--result_file', default=None, help='rank the model of record/<result_file>/ on its clean data')
     parser.add_argument('--record_root', default=str(REPO_ROOT / 'record'))
+    parser.add_argument('--dataset_path', default=str(REPO_ROOT / 'data'), help='CIFAR-10 for the random-weights model')
     parser.add_argument('--n_rank', type=int, default=32)
     parser.add_argument('--layers', type=int, default=None, help='rank only the first N conv layers (both paths)')
     parser.add_argument('--channel_chunk', type=int, default=None, help='fast path chunk (default: 1 on CPU, 32 on GPU)')
@@ -51,9 +53,13 @@ def main(argv=None):
         pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))[:args.n_rank]
         x, y = train.images[pick].float() / 255, train.labels[pick]
         name = f"{record['model_name']} ({args.result_file})"
-    else:
-        model = build_model(args.model, 10, (3, 32, 32))
-        x, y = torch.rand(args.n_rank, 3, 32, 32), torch.randint(0, 10, (args.n_rank,))
+    else:  # random weights on real test images, labelled with the model's own answers so that
+        # the FGSM can only lower accuracy and the scores differ between channels
+        spec = dataset_spec('cifar10')
+        model = build_model(args.model, spec.num_classes, spec.input_shape, spec.mean, spec.std)
+        _, test = load_splits('cifar10', args.dataset_path)
+        x = test.images[:args.n_rank].float() / 255
+        y = predict(model, x, torch.device('cpu'))
         name = f'{args.model} (random weights)'
     model = model.to(device).eval()
     x, y = x.to(device), y.to(device)
@@ -82,6 +88,9 @@ def main(argv=None):
                                  flag_channels(fast[n], prune_exponent=args.prune_exponent)) for n in ref)
     max_diff = max(float((ref[n] - fast[n]).abs().max()) for n in ref)
     differing = sum(int((ref[n] != fast[n]).sum()) for n in ref)
+    all_scores = torch.cat(list(fast.values()))
+    print(f'scores: min {all_scores.min():.3f}, mean {all_scores.mean():.3f}, {len(all_scores.unique())} distinct values '
+          '(all equal would make the comparison trivial)')
     print(f'speed-up (reference / fast): {timings["reference"] / timings["fast"]:.2f}x')
     print(f'flagged channels identical: {same_flags}; scores: max |difference| {max_diff:.4g}, '
           f'{differing} of {channels} differ')

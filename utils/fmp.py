@@ -142,7 +142,7 @@ class RankSettings:
     eps: float = 0.06
     steps: int = 1
     channel_chunk: Optional[int] = None   # channels per batched backward; None: 1 on CPU, 32 on GPU
-    score_batch: int = 2048               # images per scoring forward
+    score_batch: Optional[int] = None     # images per scoring forward; None: 128 on CPU (cache-sized), 4096 on GPU
 
 
 def _layer_adversarial_fast(model, layer: ConvLayer, x, x0, clean_feature, settings: RankSettings):
@@ -197,7 +197,8 @@ def rank_feature_maps(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, s
         result = {}
         for layer, clean_feature in zip(tqdm(layers, desc='FMP rank', disable=None if progress else True), clean):
             adversarial = _layer_adversarial_fast(model, layer, x, x0, clean_feature, settings)
-            result[layer.name] = _scores(model, adversarial, labels, settings.score_batch)
+            batch = settings.score_batch or (128 if x.device.type == 'cpu' else 4096)
+            result[layer.name] = _scores(model, adversarial, labels, batch)
     finally:
         model.train(was_training)
     return result
