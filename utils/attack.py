@@ -161,7 +161,7 @@ class Attack:
                    'seconds_per_epoch': (sum(r['seconds'] for r in rows) / len(rows)) if rows else None,
                    'wall_seconds': round(time.time() - started, 2)}
         save_json(summary, folder / 'summary.json')
-        log(f'saved {folder / ATTACK_RESULT}\n' + metrics_table({f'{self.name} ({args.model})': metrics}))
+        log(f'saved {folder / ATTACK_RESULT}\n' + metrics_table({f'{self.name} pratio={args.pratio:g} ({args.model})': metrics}))
         return result
 
     def save_preview(self, test: Split, path: Path, count: int = 8) -> None:
