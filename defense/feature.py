@@ -83,7 +83,8 @@ class FeatureMapPruning(Defense):
         return ctx.model, extras | {'summary': summary}
 
     def write_scores(self, ctx, layers, scores, flagged):
-        rows = [{'layer': name, 'channel': k, 'score': float(s[k]), 'pruned': int(k in set(flagged[name].tolist()))}
+        pruned = {name: set(f.tolist()) for name, f in flagged.items()}
+        rows = [{'layer': name, 'channel': k, 'score': float(s[k]), 'pruned': int(k in pruned[name])}
                 for name, s in scores.items() for k in range(len(s))]
         save_csv(rows, ctx.folder / 'channel_scores.csv')
         bn = {layer.name: layer.bn_name for layer in layers}

@@ -1,6 +1,8 @@
 """The one evaluation function: ACC, ASR and RA (and DER when comparing a defended model)."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn as nn
 
@@ -8,20 +10,27 @@ from .data import Split, to_float
 from .poison import PoisonedSet
 
 
+@contextmanager
+def eval_mode(model: nn.Module):
+    """Put ``model`` in eval mode for the block and restore its previous mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 @torch.inference_mode()
 def predict(model: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 512) -> torch.Tensor:
     """Top-1 predictions (int64, on the CPU) for ``images`` (uint8 pixels or floats in [0, 1]);
     the model is put in eval mode for the call and its previous mode restored."""
-    was_training = model.training
-    model.eval()
     preds = []
-    try:
+    with eval_mode(model):
         for start in range(0, len(images), batch_size):
             batch = images[start:start + batch_size].to(device, non_blocking=True)
             batch = to_float(batch) if batch.dtype == torch.uint8 else batch
             preds.append(model(batch).argmax(1).cpu())
-    finally:
-        model.train(was_training)
     return torch.cat(preds) if preds else torch.empty(0, dtype=torch.int64)
 
 

@@ -28,7 +28,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from . import UserError
-from .evaluate import predict
+from .evaluate import eval_mode, predict
 
 SELECT_MODES = ('fraction', 'kmeans')
 PRUNE_MODES = ('zero', 'mask')
@@ -68,13 +68,10 @@ def conv_layers(model: nn.Module, input_shape: tuple[int, ...]) -> list[ConvLaye
     handles = [m.register_forward_hook(on_conv) for m in model.modules() if isinstance(m, nn.Conv2d)]
     handles += [m.register_forward_pre_hook(on_bn) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(torch.zeros(1, *input_shape, device=device))
     finally:
-        model.train(was_training)
         for handle in handles:
             handle.remove()
     return list(layers.values())
@@ -182,25 +179,25 @@ def _scores(model, adversarial: torch.Tensor, labels: torch.Tensor, batch: int) 
     return (preds == labels.cpu()).float().mean(1)
 
 
+def _ranked_layers(model: nn.Module, x: torch.Tensor, only: Optional[set[str]]) -> list[ConvLayer]:
+    return [layer for layer in conv_layers(model, tuple(x.shape[1:])) if only is None or layer.name in only]
+
+
 def rank_feature_maps(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, settings: RankSettings,
                       generator: torch.Generator, progress: bool = True,
                       only: Optional[set[str]] = None) -> dict[str, torch.Tensor]:
     """Fast ranking: {conv name: (C,) accuracy under the FGSM aimed at each feature map}
     (``only``: restrict to these conv names)."""
-    layers = [layer for layer in conv_layers(model, tuple(x.shape[1:])) if only is None or layer.name in only]
-    was_training = model.training
-    model.eval()
-    try:
+    layers = _ranked_layers(model, x, only)
+    batch = settings.score_batch or (128 if x.device.type == 'cpu' else 4096)
+    with eval_mode(model):
         x0 = random_start(x, settings.alpha, generator)
         with torch.no_grad():
             clean = all_features(model, layers, x)
         result = {}
         for layer, clean_feature in zip(tqdm(layers, desc='FMP rank', disable=None if progress else True), clean):
             adversarial = _layer_adversarial_fast(model, layer, x, x0, clean_feature, settings)
-            batch = settings.score_batch or (128 if x.device.type == 'cpu' else 4096)
             result[layer.name] = _scores(model, adversarial, labels, batch)
-    finally:
-        model.train(was_training)
     return result
 
 
@@ -208,10 +205,8 @@ def rank_reference(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, sett
                    generator: torch.Generator, progress: bool = True,
                    only: Optional[set[str]] = None) -> dict[str, torch.Tensor]:
     """Plain per-channel ranking that mirrors the released loop (slow; the fast path's oracle)."""
-    layers = [layer for layer in conv_layers(model, tuple(x.shape[1:])) if only is None or layer.name in only]
-    was_training = model.training
-    model.eval()
-    try:
+    layers = _ranked_layers(model, x, only)
+    with eval_mode(model):
         x0 = random_start(x, settings.alpha, generator)
         project = settings.steps > 1
         result = {}
@@ -230,8 +225,6 @@ def rank_reference(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, sett
                     preds = model(current).argmax(1)
                 scores[k] = (preds == labels).float().mean().cpu()
             result[layer.name] = scores
-    finally:
-        model.train(was_training)
     return result
 
 
