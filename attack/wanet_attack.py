@@ -120,6 +120,15 @@ class WaNet(Attack):
         return PoisonedSet(torch.empty(0, dtype=torch.int64), torch.empty(0, *spec.input_shape, dtype=torch.uint8),
                            torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64))
 
+    def describe_training_poison(self, bd_train, args):
+        expected = args.pratio * args.batch_size
+        if expected < 1:
+            return f'per batch of {args.batch_size}: one poisoned sample with probability {expected:g}'
+        bd, cross = self.plan(args.batch_size, torch.Generator().manual_seed(0))  # counts fixed when expected >= 1
+        num_bd, num_cross = len(bd), len(cross)
+        return (f'per full batch of {args.batch_size}: {num_bd} poisoned and {num_cross} noise-mode samples, '
+                f'drawn anew (pratio {args.pratio:g}, cross_ratio {args.cross_ratio:g})')
+
     def plan(self, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions (CPU int64) of the poisoned and of the noise-mode samples in a batch of ``batch``."""
         expected = self.pratio * batch

@@ -232,6 +232,13 @@ def test_wanet_batch_hook(cifar):
     assert (len(bd), len(cross)) == (8, 16)
 
 
+def test_wanet_log_line_states_the_per_batch_counts():
+    attack, args = configured('wanet')
+    assert 'per full batch of 128: 12 poisoned and 24 noise-mode samples' in attack.describe_training_poison(None, args)
+    attack, args = configured('wanet', '--pratio', 0.005)
+    assert 'one poisoned sample with probability 0.64' in attack.describe_training_poison(None, args)
+
+
 def test_wanet_low_pratio_and_clean_baseline(cifar):
     attack, args = configured('wanet', '--pratio', 0.005)
     generator = torch.Generator().manual_seed(0)

@@ -56,6 +56,13 @@ class Attack:
         """Per-batch poisoning during training (WaNet); None when the poisoned set is fixed."""
         return None
 
+    def describe_training_poison(self, bd_train: PoisonedSet, args) -> str:
+        """One phrase for the run's first log line: how the training set is poisoned."""
+        if self.clean_label:
+            return (f'{len(bd_train)} clean-label poisoned training samples '
+                    f'(pratio {args.pratio:g} of the target class)')
+        return f'{len(bd_train)} poisoned training samples (pratio {args.pratio:g})'
+
     def record_extras(self) -> dict[str, Any]:
         """Tensors and plain values needed to rebuild the trigger (saved in attack_result.pt)."""
         return {}
@@ -141,8 +148,8 @@ class Attack:
         log = Log(folder / 'log.txt')
         save_yaml(config, folder / 'config.yaml')
         self.save_preview(test_split, folder / 'preview.png')
-        log(f'{self.name} on {args.dataset} with {args.model}: {len(bd_train)} poisoned training samples '
-            f'({args.pratio:g}), {len(bd_test)} poisoned test samples, device {device}')
+        log(f'{self.name} on {args.dataset} with {args.model}: {self.describe_training_poison(bd_train, args)}, '
+            f'{len(bd_test)} poisoned test samples, device {device}')
 
         rows = train(model, poisoned_training_split(train_split, bd_train), settings, device,
                      evaluate_fn=lambda m: evaluate(m, test_split, bd_test, device),
