@@ -170,6 +170,10 @@ def test_record_name_that_is_a_path(saved):
     run_bad(saved, defense_args(saved, '../victim'), 'invalid record name')
 
 
+def test_defense_folder_name_that_is_a_path(saved):
+    run_bad(saved, defense_args(saved, 'victim', '--save_folder_name', '../../elsewhere'), 'invalid record name')
+
+
 def test_bad_input_on_an_existing_defense_record_keeps_it(saved, cifar10_dir):
     """A defense record already saved survives a defense run that is rejected."""
     folder = saved / 'victim' / 'defense' / 'ft'

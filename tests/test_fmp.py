@@ -219,12 +219,18 @@ def test_fmp_cli_lowers_asr_and_keeps_acc(badnet_record):
     assert summary['rank_seconds'] > 0 and summary['finetune_seconds'] > 0
 
 
-def test_rank_only_writes_scores_without_a_model(badnet_record, tmp_path):
+def test_rank_only_writes_scores_without_a_model_into_its_own_folder(badnet_record, tmp_path):
+    defenses = badnet_record / 'badnet_small' / 'defense'
+    before = snapshot(defenses) if defenses.exists() else {}
     result = run('./defense/feature.py', '--yaml_path', './config/defense/feature/cifar10.yaml', '--result_file',
-                 'badnet_small', '--dataset_path', CIFAR, '--rank_only', '--n_rank', 4, record_root=badnet_record)
+                 'badnet_small', '--dataset_path', CIFAR, '--rank_only', '--n_rank', 4,
+                 '--save_folder_name', 'rank_sweep', record_root=badnet_record)
     assert result.returncode == 0, result.stderr[-2000:]
-    out = badnet_record / 'badnet_small' / 'defense' / 'feature'
+    out = defenses / 'rank_sweep'
     assert (out / 'channel_scores.csv').exists() and (out / 'summary.json').exists()
+    assert not (out / 'defense_result.pt').exists()
+    after = snapshot(defenses)
+    assert {k: v for k, v in after.items() if not k.startswith('rank_sweep')} == before  # other runs untouched
 
 
 @pytest.fixture(scope='module')

@@ -36,7 +36,7 @@ class DefenseContext:
         self.device: torch.device = device
         self.args = args
         self.log: Log = log
-        self.folder: Path = folder   # record/<name>/defense/<defense>/
+        self.folder: Path = folder   # record/<name>/defense/<save_folder_name, default the defense's name>/
         self.spec = dataset_spec(record['dataset'])
 
     def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
@@ -74,6 +74,9 @@ class Defense:
                            help="where the clean data lives (default: the attack's dataset_path)")
         group.add_argument('--ratio', type=float, default=self.default_ratio,
                            help='fraction of the clean training set the defense may use (class-balanced, seeded)')
+        group.add_argument('--save_folder_name', default=None,
+                           help="record/<result_file>/defense/<save_folder_name>/ receives the result (default: the "
+                                "defense's name); give each run of a sweep its own")
         group.add_argument('--resume', action='store_true', help='continue interrupted fine-tuning from its checkpoint')
         add_training_arguments(parser)
         self.add_arguments(parser.add_argument_group(f'{self.name} defense'))
@@ -85,6 +88,8 @@ class Defense:
         if not 0 < args.ratio <= 1:
             raise UserError(f'ratio must lie in (0, 1], got {args.ratio}')
         source = record_folder(args.record_root, args.result_file)
+        args.save_folder_name = args.save_folder_name or self.name
+        folder = record_folder(source / 'defense', args.save_folder_name)
         record = load_attack_record(source)
         if args.dataset is not None and args.dataset != record['dataset']:
             raise UserError(f"{source} was trained on {record['dataset']}, but --dataset/YAML asks for {args.dataset}")
@@ -104,7 +109,6 @@ class Defense:
         clean_subset = train.subset(class_balanced_subset(train.labels, args.ratio, args.random_seed))
         self.check(args, model, clean_subset)
 
-        folder = source / 'defense' / self.name
         log = Log(folder / 'log.txt')
         config = config_to_dict(args) | {'defense': self.name}
         save_yaml(config, folder / 'config.yaml')
