@@ -306,7 +306,9 @@ def test_resolved_config_is_saved_in_the_record(attack_run):
     record = torch.load(attack_run.folder / 'attack_result.pt', weights_only=True)
     assert config == record['attack_config']
     assert config['yaml_path'] == str(REPO_ROOT / 'config' / 'attack' / 'badnet' / 'cifar10.yaml')
-    assert config['dataset_path'] == str(CIFAR10_DIR.resolve())
+    # absolute, and the same folder (the path is kept as given, so a symlinked ../shared stays as it is)
+    assert Path(config['dataset_path']).is_absolute()
+    assert Path(config['dataset_path']).resolve() == CIFAR10_DIR.resolve()
     assert config['record_root'] == str(attack_run.record_root)
     assert config['save_folder_name'] == E2E_NAME
     # command line
