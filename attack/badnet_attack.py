@@ -6,21 +6,22 @@ import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).reso
 import torch
 
 from utils import UserError
-from utils.attack import Attack
-from utils.config import path_arg, run_main
+from utils.attack import Attack, register_attack
+from utils.config import path_arg, pixel_value, positive_int, run_main
 from utils.triggers import load_trigger_image
 
 CORNERS = ('bottom_right', 'bottom_left', 'top_right', 'top_left')
 
 
+@register_attack
 class BadNet(Attack):
     """BadNets: stamp a patch (default 3x3 white, bottom-right corner) and relabel to the target."""
     name = 'badnet'
 
     def add_arguments(self, parser):
-        parser.add_argument('--patch_size', type=int, default=3, help='side of the square patch, in pixels')
+        parser.add_argument('--patch_size', type=positive_int, default=3, help='side of the square patch, in pixels')
         parser.add_argument('--patch_position', default='bottom_right', choices=CORNERS)
-        parser.add_argument('--patch_value', type=int, default=255, help='pixel value of the patch (0..255)')
+        parser.add_argument('--patch_value', type=pixel_value, default=255, help='pixel value of the patch (0..255)')
         parser.add_argument('--patch_mask_path', default=None, type=path_arg,
                             help='trigger image (resized to the input size): its non-black pixels replace the image\'s')
 
@@ -31,10 +32,8 @@ class BadNet(Attack):
             self.mask = (pattern > 0).any(0, keepdim=True)
             self.pattern = pattern
             return
-        if not 1 <= args.patch_size <= min(height, width):
-            raise UserError(f'patch_size must lie in 1..{min(height, width)}, got {args.patch_size}')
-        if not 0 <= args.patch_value <= 255:
-            raise UserError(f'patch_value must lie in 0..255, got {args.patch_value}')
+        if args.patch_size > min(height, width):
+            raise UserError(f'patch_size must lie in 1..{min(height, width)} (the image is {height}x{width}), got {args.patch_size}')
         size = args.patch_size
         top = height - size if args.patch_position.startswith('bottom') else 0
         left = width - size if args.patch_position.endswith('right') else 0
@@ -42,14 +41,12 @@ class BadNet(Attack):
         self.mask[:, top:top + size, left:left + size] = True
         self.pattern = torch.full((channels, height, width), args.patch_value, dtype=torch.uint8)
 
-    def apply_trigger(self, images):
+    def apply_trigger(self, images, *, train, index=None, generator=None):
         return torch.where(self.mask, self.pattern, images)
 
     def record_extras(self):
         return {'trigger': {'mask': self.mask, 'pattern': self.pattern}}
 
-
-ATTACK = BadNet
 
 
 def main(argv=None):

@@ -13,13 +13,10 @@ Pixels: ``x`` and ``t`` are uint8; the blend is computed in float64 in exactly t
 and clamped to 0..255. A test can therefore reproduce every poisoned pixel exactly."""
 import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # noqa: E702
 
-import math
-
 import torch
 
-from utils import UserError
-from utils.attack import Attack
-from utils.config import path_arg, run_main
+from utils.attack import Attack, register_attack
+from utils.config import nonnegative_int, path_arg, probability, run_main
 from utils.triggers import load_trigger_image
 
 CHUNK = 2048  # images per float64 block (bounds the temporary memory)
@@ -39,52 +36,36 @@ def blend(images: torch.Tensor, pattern: torch.Tensor, alpha: float) -> torch.Te
     return torch.cat(out) if out else images.clone()
 
 
+@register_attack
 class Blended(Attack):
     """Blended: x' = (1 - alpha) x + alpha t, alpha 0.2, t a seeded uniform-noise image (or an image file)."""
     name = 'blended'
 
     def add_arguments(self, parser):
-        parser.add_argument('--attack_train_blended_alpha', type=float, default=0.2,
+        parser.add_argument('--attack_train_blended_alpha', type=probability, default=0.2,
                             help='blend weight alpha of the trigger in the poisoned training images (0..1)')
-        parser.add_argument('--attack_test_blended_alpha', type=float, default=0.2,
+        parser.add_argument('--attack_test_blended_alpha', type=probability, default=0.2,
                             help='blend weight alpha of the trigger in the poisoned test images (0..1)')
         parser.add_argument('--attack_trigger_img_path', default=None, type=path_arg,
                             help='trigger image (resized to the input size); default: a seeded uniform-noise pattern')
-        parser.add_argument('--pattern_seed', type=int, default=0,
+        parser.add_argument('--pattern_seed', type=nonnegative_int, default=0,
                             help='seed of the uniform-noise pattern (independent of random_seed)')
 
     def setup(self, args, spec):
-        for key in ('attack_train_blended_alpha', 'attack_test_blended_alpha'):
-            value = getattr(args, key)
-            if not (math.isfinite(value) and 0.0 <= value <= 1.0):
-                raise UserError(f'{key} must lie in [0, 1], got {value}')
         if args.attack_trigger_img_path:
             self.pattern = load_trigger_image(args.attack_trigger_img_path, spec.input_shape)
         else:
-            if args.pattern_seed < 0:
-                raise UserError(f'pattern_seed must be >= 0, got {args.pattern_seed}')
             self.pattern = noise_pattern(spec.input_shape, args.pattern_seed)
         self.train_alpha = float(args.attack_train_blended_alpha)
         self.test_alpha = float(args.attack_test_blended_alpha)
-        self.alpha = self.test_alpha  # apply_trigger's alpha: the test-time trigger outside poison_train
 
-    def poison_train(self, train, args, spec):
-        """The shared poisoning, with the training alpha."""
-        self.alpha = self.train_alpha
-        try:
-            return super().poison_train(train, args, spec)
-        finally:
-            self.alpha = self.test_alpha
-
-    def apply_trigger(self, images):
-        return blend(images, self.pattern, self.alpha)
+    def apply_trigger(self, images, *, train, index=None, generator=None):
+        return blend(images, self.pattern, self.train_alpha if train else self.test_alpha)
 
     def record_extras(self):
         return {'trigger': {'pattern': self.pattern, 'train_alpha': self.train_alpha,
                             'test_alpha': self.test_alpha}}
 
-
-ATTACK = Blended
 
 
 def main(argv=None):

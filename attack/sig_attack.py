@@ -22,8 +22,8 @@ import math
 import torch
 
 from utils import UserError
-from utils.attack import Attack
-from utils.config import run_main
+from utils.attack import Attack, register_attack
+from utils.config import bounded, positive_float, run_main
 
 CHUNK = 2048  # images per float64 block (bounds the temporary memory)
 
@@ -41,37 +41,32 @@ def add_signal(images: torch.Tensor, signal: torch.Tensor) -> torch.Tensor:
     return torch.cat(out) if out else images.clone()
 
 
+@register_attack
 class SIG(Attack):
     """SIG: clean-label, x' = clip(x + delta sin(2 pi j f / W)) on pratio of the target class (labels kept)."""
     name = 'sig'
     clean_label = True
 
     def add_arguments(self, parser):
-        parser.add_argument('--sig_delta', type=float, default=40.0,
+        parser.add_argument('--sig_delta', type=bounded(float, 0, 255, low_open=True), default=40.0,
                             help='amplitude delta of the sinusoid, on the 0..255 pixel scale')
-        parser.add_argument('--sig_f', type=float, default=6.0,
+        parser.add_argument('--sig_f', type=positive_float, default=6.0,
                             help='frequency f of the sinusoid: periods across the image width')
 
     def setup(self, args, spec):
         if args.attack_label_trans != 'all2one':
             raise UserError(f'sig is a clean-label attack on one target class: attack_label_trans must be all2one, '
                             f'got {args.attack_label_trans}')
-        if not (math.isfinite(args.sig_delta) and 0 < args.sig_delta <= 255):
-            raise UserError(f'sig_delta must lie in (0, 255], got {args.sig_delta}')
-        if not (math.isfinite(args.sig_f) and args.sig_f > 0):
-            raise UserError(f'sig_f must be > 0, got {args.sig_f}')
         _, height, width = spec.input_shape
         self.delta, self.f = float(args.sig_delta), float(args.sig_f)
         self.signal = sinusoid(height, width, self.delta, self.f)
 
-    def apply_trigger(self, images):
+    def apply_trigger(self, images, *, train, index=None, generator=None):
         return add_signal(images, self.signal)
 
     def record_extras(self):
         return {'trigger': {'signal': self.signal, 'delta': self.delta, 'f': self.f}}
 
-
-ATTACK = SIG
 
 
 def main(argv=None):

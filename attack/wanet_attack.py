@@ -23,19 +23,21 @@ crops, rotates and flips).
 
 Record: the fixed field (``trigger.grid``, plus ``noise_grid`` and ``identity_grid``) so a defense
 rebuilds exactly the same poisoned inputs; ``bd_test`` is ``warp(x)`` rounded to uint8 (nearest,
-ties to even). ``bd_train`` is empty (no sample is poisoned once and for all: the poisoned and noise
-samples are drawn anew in every batch), with the usual keys, dtypes and shapes."""
+ties to even). No sample is poisoned once and for all (the poisoned and noise samples are drawn anew
+in every batch), so ``bd_train`` holds a seeded realisation of what one epoch poisons: ``pratio`` of
+the training set, chosen as the other attacks choose theirs, warped and relabelled (the noise-mode
+samples keep their labels and are not listed). Defenses that read the poisoned training set
+(spectral signatures, activation clustering, ABL) use it."""
 import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # noqa: E702
 
-import math
 
 import torch
 import torch.nn.functional as F
 
 from utils import UserError
-from utils.attack import Attack
-from utils.config import run_main
-from utils.poison import PoisonedSet, backdoor_labels
+from utils.attack import Attack, register_attack
+from utils.config import nonnegative_float, nonnegative_int, positive_float, positive_int, run_main
+from utils.poison import backdoor_labels
 
 CHUNK = 1024  # images per grid_sample call when warping a whole split
 
@@ -72,36 +74,30 @@ def warp(images: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     return torch.cat(out) if out else images.clone()
 
 
+@register_attack
 class WaNet(Attack):
     """WaNet: a fixed smooth warp (k=4, s=0.5), poisoned per batch with noise-mode samples (cross_ratio 2)."""
     name = 'wanet'
+    per_batch = True
 
     def add_arguments(self, parser):
-        parser.add_argument('--k', type=int, default=4, help='side of the control grid of the warping field')
-        parser.add_argument('--s', type=float, default=0.5, help='strength of the warping field')
-        parser.add_argument('--grid_rescale', type=float, default=1.0,
+        parser.add_argument('--k', type=positive_int, default=4, help='side of the control grid of the warping field')
+        parser.add_argument('--s', type=nonnegative_float, default=0.5, help='strength of the warping field')
+        parser.add_argument('--grid_rescale', type=positive_float, default=1.0,
                             help='scale of the warped grid (1: none), before clamping to [-1, 1]')
-        parser.add_argument('--cross_ratio', type=float, default=2.0,
+        parser.add_argument('--cross_ratio', type=nonnegative_float, default=2.0,
                             help='noise-mode samples per poisoned sample (rho_n = cross_ratio * pratio)')
-        parser.add_argument('--grid_seed', type=int, default=None,
+        parser.add_argument('--grid_seed', type=nonnegative_int, default=None,
                             help='seed of the warping field (default: random_seed)')
 
     def setup(self, args, spec):
         _, height, width = spec.input_shape
         if not 2 <= args.k <= min(height, width):
             raise UserError(f'k must lie in 2..{min(height, width)} (the image is {height}x{width}), got {args.k}')
-        if not (math.isfinite(args.s) and args.s >= 0):
-            raise UserError(f's must be >= 0, got {args.s}')
-        if not (math.isfinite(args.grid_rescale) and args.grid_rescale > 0):
-            raise UserError(f'grid_rescale must be > 0, got {args.grid_rescale}')
-        if not (math.isfinite(args.cross_ratio) and args.cross_ratio >= 0):
-            raise UserError(f'cross_ratio must be >= 0, got {args.cross_ratio}')
         if args.pratio * (1 + args.cross_ratio) > 1:
             raise UserError(f'pratio * (1 + cross_ratio) must be <= 1 (poisoned plus noise samples per batch), '
                             f'got {args.pratio} * (1 + {args.cross_ratio})')
         seed = args.random_seed if args.grid_seed is None else args.grid_seed
-        if seed < 0:
-            raise UserError(f'grid_seed must be >= 0, got {seed}')
         generator = torch.Generator().manual_seed(seed)
         self.k, self.s, self.grid_rescale, self.cross_ratio, self.grid_seed = (
             args.k, float(args.s), float(args.grid_rescale), float(args.cross_ratio), seed)
@@ -112,22 +108,19 @@ class WaNet(Attack):
         self.num_classes = spec.num_classes
         self._device_grids: dict[torch.device, torch.Tensor] = {}
 
-    def apply_trigger(self, images):
+    def apply_trigger(self, images, *, train, index=None, generator=None):
         return warp(images, self.grid)
-
-    def poison_train(self, train, args, spec):
-        """Empty: WaNet poisons per batch during training (see :meth:`batch_hook`)."""
-        return PoisonedSet(torch.empty(0, dtype=torch.int64), torch.empty(0, *spec.input_shape, dtype=torch.uint8),
-                           torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64))
 
     def describe_training_poison(self, bd_train, args):
         expected = args.pratio * args.batch_size
         if expected < 1:
-            return f'per batch of {args.batch_size}: one poisoned sample with probability {expected:g}'
+            return (f'per batch of {args.batch_size}: one poisoned sample with probability {expected:g} (the record '
+                    f'lists a seeded realisation of {len(bd_train)} poisoned samples)')
         bd, cross = self.plan(args.batch_size, torch.Generator().manual_seed(0))  # counts fixed when expected >= 1
         num_bd, num_cross = len(bd), len(cross)
         return (f'per full batch of {args.batch_size}: {num_bd} poisoned and {num_cross} noise-mode samples, '
-                f'drawn anew (pratio {args.pratio:g}, cross_ratio {args.cross_ratio:g})')
+                f'drawn anew (pratio {args.pratio:g}, cross_ratio {args.cross_ratio:g}; the record lists a seeded '
+                f'realisation of {len(bd_train)} poisoned samples)')
 
     def plan(self, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions (CPU int64) of the poisoned and of the noise-mode samples in a batch of ``batch``."""
@@ -143,7 +136,7 @@ class WaNet(Attack):
         order = torch.randperm(batch, generator=generator)
         return order[:num_bd], order[num_bd:num_bd + num_cross]
 
-    def poison_batch(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator):
+    def poison_batch(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, model=None):
         """float (B, C, H, W) in [0, 1] and labels -> the batch with its poisoned and noise-mode samples."""
         bd, cross = self.plan(len(labels), generator)
         if len(bd) + len(cross) == 0:
@@ -173,8 +166,6 @@ class WaNet(Attack):
                             'k': self.k, 's': self.s, 'grid_rescale': self.grid_rescale,
                             'cross_ratio': self.cross_ratio, 'grid_seed': self.grid_seed, 'per_batch': True}}
 
-
-ATTACK = WaNet
 
 
 def main(argv=None):

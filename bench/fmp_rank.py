@@ -19,10 +19,10 @@ import torch
 from models import build_model
 from utils.config import resolve_device, run_main
 from utils.data import dataset_spec, load_splits
-from utils.defense import load_record_model
 from utils.evaluate import predict
-from utils.fmp import RankSettings, conv_layers, flag_channels, rank_feature_maps, rank_reference
-from utils.record import load_attack_record, record_folder
+from utils.fmp import RankSettings, flag_channels, rank_feature_maps, rank_reference
+from utils.pruning import conv_layers
+from utils.record import load_attack_record, load_record_model, record_folder
 from utils import REPO_ROOT
 
 
@@ -56,7 +56,7 @@ def main(argv=None):
     else:  # random weights on real test images, labelled with the model's own answers so that
         # the FGSM can only lower accuracy and the scores differ between channels
         spec = dataset_spec('cifar10')
-        model = build_model(args.model, spec.num_classes, spec.input_shape, spec.mean, spec.std)
+        model = build_model(args.model, spec.num_classes, spec.input_shape, dataset='cifar10')
         _, test = load_splits('cifar10', args.dataset_path)
         x = test.images[:args.n_rank].float() / 255
         y = predict(model, x, torch.device('cpu'))

@@ -7,49 +7,39 @@ import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).reso
 import torch
 
 from utils import UserError
-from utils.config import run_main, str2bool
-from utils.defense import Defense
-from utils.fmp import (PRUNE_MODES, SELECT_MODES, RankSettings, check_prunable, flag_channels, keep_pruned,
-                       prune_channels, rank_feature_maps, rank_reference, timed)
+from utils.config import nonnegative_float, nonnegative_int, positive_int, run_main, str2bool
+from utils.defense import Defense, DefenseResult, register_defense
+from utils.fmp import PRUNE_MODES, SELECT_MODES, RankSettings, flag_channels, rank_feature_maps, rank_reference, timed
+from utils.pruning import check_prunable, keep_pruned, prune_channels
 from utils.record import save_csv, save_json
-from utils.train import TrainSettings, train
 
 
+@register_defense
 class FeatureMapPruning(Defense):
     """FMP (Huang & Bu, ICLR 2024): adversarial feature-map ranking, per-layer pruning, clean fine-tuning."""
     name = 'feature'
     default_ratio = 0.1
 
     def add_arguments(self, parser):
-        parser.add_argument('--n_rank', type=int, default=32, help='clean images used to rank the feature maps')
-        parser.add_argument('--alpha', type=float, default=0.02, help='random-start magnitude (0.02 CIFAR-10, 0.03 CIFAR-100/GTSRB)')
-        parser.add_argument('--eps', type=float, default=0.06, help='FGSM step size (and L-inf radius when steps > 1)')
-        parser.add_argument('--steps', type=int, default=1, help='FGSM steps per feature map')
+        parser.add_argument('--n_rank', type=positive_int, default=32, help='clean images used to rank the feature maps')
+        parser.add_argument('--alpha', type=nonnegative_float, default=0.02, help='random-start magnitude (0.02 CIFAR-10, 0.03 CIFAR-100/GTSRB)')
+        parser.add_argument('--eps', type=nonnegative_float, default=0.06, help='FGSM step size (and L-inf radius when steps > 1)')
+        parser.add_argument('--steps', type=positive_int, default=1, help='FGSM steps per feature map')
         parser.add_argument('--select', default='fraction', choices=SELECT_MODES,
                             help='fraction: the floor(C / 2**prune_exponent) lowest per layer; kmeans: the smaller of two clusters')
-        parser.add_argument('--prune_exponent', type=int, default=6, help='prune floor(C / 2**prune_exponent) channels per layer')
-        parser.add_argument('--min_prune', type=int, default=0, help='prune at least this many channels per layer (fraction mode)')
+        parser.add_argument('--prune_exponent', type=nonnegative_int, default=6, help='prune floor(C / 2**prune_exponent) channels per layer')
+        parser.add_argument('--min_prune', type=nonnegative_int, default=0, help='prune at least this many channels per layer (fraction mode)')
         parser.add_argument('--prune_mode', default='zero', choices=PRUNE_MODES,
                             help='zero: zero once (released behaviour, weights may regrow); mask: keep them zero while fine-tuning')
-        parser.add_argument('--channel_chunk', type=int, default=None,
+        parser.add_argument('--channel_chunk', type=positive_int, default=None,
                             help='feature maps per batched backward (default: 1 on CPU, 32 on GPU)')
         parser.add_argument('--reference', type=str2bool, default=False, help='use the slow per-channel reference ranking')
         parser.add_argument('--rank_only', action='store_true', help='write the channel scores and stop (no pruning, no fine-tuning)')
 
     def check(self, args, model, clean_subset):
-        self.layers = check_prunable(model, tuple(clean_subset.images.shape[1:]), args.model)
-        if args.prune_exponent < 0:
-            raise UserError(f'prune_exponent must be >= 0, got {args.prune_exponent}')
-        if args.min_prune < 0:
-            raise UserError(f'min_prune must be >= 0, got {args.min_prune}')
-        if not 1 <= args.n_rank <= len(clean_subset):
+        self.layers = check_prunable(model, tuple(clean_subset.images.shape[1:]), args.model, 'FMP')
+        if args.n_rank > len(clean_subset):
             raise UserError(f'n_rank must lie in 1..{len(clean_subset)} (the clean subset\'s size at ratio {args.ratio}), got {args.n_rank}')
-        if args.steps < 1:
-            raise UserError(f'steps must be >= 1, got {args.steps}')
-        if args.eps < 0 or args.alpha < 0:
-            raise UserError(f'eps and alpha must be >= 0, got eps={args.eps}, alpha={args.alpha}')
-        if args.channel_chunk is not None and args.channel_chunk < 1:
-            raise UserError(f'channel_chunk must be >= 1, got {args.channel_chunk}')
 
     def defend(self, ctx):
         args = ctx.args
@@ -69,18 +59,16 @@ class FeatureMapPruning(Defense):
         summary = {'rank_seconds': round(rank_seconds, 3), 'pruned_total': total}
         extras = {'channel_scores': scores, 'pruned_channels': flagged}
         if args.rank_only:
-            return None, extras | {'summary': summary}
+            return DefenseResult(data=extras, summary=summary)
 
         prune_channels(layers, flagged)
         pruned_metrics = ctx.evaluate()
         ctx.log('after pruning, before fine-tuning: ' + ' '.join(f'{k}={v:.4f}' for k, v in pruned_metrics.items()))
         extras['metrics_after_pruning'] = summary['after_pruning'] = pruned_metrics
         after_step = keep_pruned(layers, flagged) if args.prune_mode == 'mask' else None
-        rows, finetune_seconds = timed(train, ctx.model, ctx.clean_subset, TrainSettings.from_args(args), ctx.device,
-                                       evaluate_fn=ctx.evaluate, workdir=ctx.folder, resume=args.resume,
-                                       hflip=ctx.spec.hflip, after_step=after_step, log=ctx.log, desc='fmp finetune')
+        _, finetune_seconds = timed(ctx.finetune, after_step=after_step, desc='fmp finetune')
         summary['finetune_seconds'] = round(finetune_seconds, 3)
-        return ctx.model, extras | {'summary': summary}
+        return DefenseResult(ctx.model, data=extras, summary=summary)
 
     def write_scores(self, ctx, layers, scores, flagged):
         pruned = {name: set(f.tolist()) for name, f in flagged.items()}
@@ -91,8 +79,6 @@ class FeatureMapPruning(Defense):
         save_json({name: {'channels': f.tolist(), 'bn': bn.get(name)} for name, f in flagged.items() if len(f)},
                   ctx.folder / 'pruned_channels.json')
 
-
-DEFENSE = FeatureMapPruning
 
 
 def main(argv=None):

@@ -4,7 +4,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import register_model
-from .layers import Normalize
+from .layers import ImageClassifier
 
 
 class PreActBlock(nn.Module):
@@ -26,10 +26,11 @@ class PreActBlock(nn.Module):
         return out + shortcut
 
 
-class PreActResNet(nn.Module):
-    def __init__(self, num_blocks, num_classes, in_channels, mean, std):
-        super().__init__()
-        self.normalize = Normalize(mean, std)
+class PreActResNet(ImageClassifier):
+    feature_stages = ('layer1', 'layer2', 'layer3', 'layer4')
+
+    def __init__(self, num_blocks, num_classes, in_channels):
+        super().__init__(in_channels)
         self.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
         layers, in_planes = [], 64
         for i, (planes, blocks) in enumerate(zip((64, 128, 256, 512), num_blocks)):
@@ -41,16 +42,14 @@ class PreActResNet(nn.Module):
             layers.append(nn.Sequential(*stage))
         self.layer1, self.layer2, self.layer3, self.layer4 = layers
         self.bn = nn.BatchNorm2d(512)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.linear = nn.Linear(512, num_classes)
 
-    def forward(self, x):
+    def forward_features(self, x):
         out = self.conv1(self.normalize(x))
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
-        out = F.relu(self.bn(out))
-        return self.linear(self.avgpool(out).flatten(1))
+        return F.relu(self.bn(out))
 
 
 @register_model
-def preactresnet18(num_classes, input_shape, mean, std):
-    return PreActResNet((2, 2, 2, 2), num_classes, input_shape[0], mean, std)
+def preactresnet18(num_classes, input_shape):
+    return PreActResNet((2, 2, 2, 2), num_classes, input_shape[0])

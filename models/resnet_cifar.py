@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import register_model
-from .layers import Normalize
+from .layers import ImageClassifier
 
 
 class BasicBlock(nn.Module):
@@ -26,12 +26,13 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class CifarResNet(nn.Module):
-    def __init__(self, depth, num_classes, in_channels, mean, std):
-        super().__init__()
+class CifarResNet(ImageClassifier):
+    feature_stages = ('layer1', 'layer2', 'layer3')
+
+    def __init__(self, depth, num_classes, in_channels):
+        super().__init__(in_channels)
         assert (depth - 2) % 6 == 0, 'depth must be 6n + 2'
         n = (depth - 2) // 6
-        self.normalize = Normalize(mean, std)
         self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
         stages, in_planes = [], 16
@@ -42,18 +43,16 @@ class CifarResNet(nn.Module):
                 in_planes = planes
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = stages
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.linear = nn.Linear(64, num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
 
-    def forward(self, x):
+    def forward_features(self, x):
         out = F.relu(self.bn1(self.conv1(self.normalize(x))))
-        out = self.layer3(self.layer2(self.layer1(out)))
-        return self.linear(self.avgpool(out).flatten(1))
+        return self.layer3(self.layer2(self.layer1(out)))
 
 
 @register_model
-def resnet20(num_classes, input_shape, mean, std):
-    return CifarResNet(20, num_classes, input_shape[0], mean, std)
+def resnet20(num_classes, input_shape):
+    return CifarResNet(20, num_classes, input_shape[0])

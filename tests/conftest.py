@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,9 @@ torch.set_num_threads(1)
 # The README-shaped attack the session's record comes from. BadNets on an MLP learns the
 # 3x3 patch within a couple of epochs on 5000 images (ASR about 0.9 over seeds 0..4 here);
 # augmentation is off because random crops move the patch, which an MLP cannot follow quickly.
+# a one-line error: the toolkit's 'error: ...' or argparse's '<script>: error: ...' for an option's value
+ONE_LINE_ERROR = re.compile(r'^(error: |\S+: error: )\S')
+
 E2E_NAME = 'e2e'
 E2E_ATTACK_ARGS = ['--model', 'mlp', '--epochs', '3', '--train_fraction', '0.1', '--test_fraction', '0.05',
                    '--lr', '0.02', '--batch_size', '64', '--augment', 'false', '--random_seed', '0']
@@ -57,6 +61,23 @@ def snapshot(root):
 
 def describe(proc: subprocess.CompletedProcess) -> str:
     return f'exit code {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}'
+
+
+def rejection(call, capsys) -> str:
+    """The one line with which ``call()`` refuses its input: a UserError's message, or the
+    argparse error line of a value its option's type rejects (exit code 2)."""
+    from utils import UserError
+    try:
+        call()
+    except UserError as exc:
+        assert '\n' not in str(exc)
+        return str(exc)
+    except SystemExit as exc:
+        assert exc.code == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1, lines
+        return lines[0]
+    raise AssertionError('the input was accepted')
 
 
 def rebuild_model(record: dict) -> torch.nn.Module:

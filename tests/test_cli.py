@@ -8,12 +8,11 @@ import shutil
 import pytest
 import torch
 
-from conftest import describe, rebuild_model, run_script, script_env, snapshot
+from conftest import ONE_LINE_ERROR, describe, rebuild_model, run_script, script_env, snapshot
 from utils.record import ATTACK_RESULT, DEFENSE_RESULT
 
 ATTACK = './attack/badnet_attack.py'
 DEFENSE = './defense/ft/ft.py'
-ONE_LINE_ERROR = re.compile(r'^(error: |\S+: error: )\S')
 
 
 # --------------------------------------------------------------------------- end to end

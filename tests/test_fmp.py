@@ -11,11 +11,11 @@ from models.preact_resnet import PreActBlock
 from models.resnet_cifar import BasicBlock
 from utils.data import Split
 from utils.evaluate import predict
-from utils.fmp import (RankSettings, conv_layers, flag_channels, keep_pruned, prune_channels, rank_feature_maps,
-                       rank_reference, two_means_minor)
+from utils.fmp import RankSettings, flag_channels, rank_feature_maps, rank_reference, two_means_minor
+from utils.pruning import conv_layers, keep_pruned, prune_channels
 from utils.train import TrainSettings, train
 
-from conftest import CIFAR10_DIR as CIFAR, run_script, snapshot
+from conftest import CIFAR10_DIR as CIFAR, ONE_LINE_ERROR, run_script, snapshot
 
 CPU = torch.device('cpu')
 
@@ -185,7 +185,7 @@ def _load(path):
 
 def test_fast_ranking_equals_reference_trained_model(badnet_record):
     from utils.data import load_splits
-    from utils.defense import load_record_model
+    from utils.record import load_record_model
     record = _load(badnet_record / 'badnet_small' / 'attack_result.pt')
     model = load_record_model(record).eval()
     train_split, _ = load_splits('cifar10', CIFAR, 0.06, 0.05, 0)
@@ -256,7 +256,7 @@ def test_bad_fmp_options_fail_cleanly(badnet_record, extra, message):
                  'badnet_small', '--dataset_path', CIFAR, *extra, record_root=badnet_record)
     assert result.returncode == 2
     lines = error_lines(result)
-    assert len(lines) == 1 and lines[0].startswith('error:') and message in lines[0], result.stderr
+    assert len(lines) == 1 and ONE_LINE_ERROR.match(lines[0]) and message in lines[0], result.stderr
     assert snapshot(folder) == before
 
 

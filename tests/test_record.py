@@ -213,7 +213,7 @@ def test_defense_record_files_and_keys(defense_run, defense_record, attack_recor
     assert r['metrics']['der'] == defense_effectiveness_rating(r['metrics_before'], r['metrics'])
     assert 0 <= r['metrics']['der'] <= 1
     # fine-tuning changed the weights
-    assert not torch.equal(r['model']['2.weight'], attack_record['model']['2.weight'])
+    assert not torch.equal(r['model']['linear.weight'], attack_record['model']['linear.weight'])
 
     config = yaml.safe_load((folder / 'config.yaml').read_text())
     assert config == r['defense_config']

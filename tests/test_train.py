@@ -44,7 +44,7 @@ class Interrupted(Exception):
 
 def counting_hook(raise_at=None):
     """A batch hook that passes batches through, counts its calls and raises at call ``raise_at``."""
-    def hook(x, y, generator):
+    def hook(x, y, generator, model):
         hook.calls += 1
         if hook.calls == raise_at:
             raise Interrupted
@@ -85,7 +85,7 @@ def test_resume_after_an_interrupted_epoch_matches_an_uninterrupted_run(tmp_path
     assert final.keys() == expected.keys()
     for name in expected:
         assert torch.equal(final[name], expected[name]), name
-    assert not torch.equal(final['2.weight'], make_model(0).state_dict()['2.weight'])   # it did train
+    assert not torch.equal(final['linear.weight'], make_model(0).state_dict()['linear.weight'])   # it did train
 
     with open(tmp_path / 'run' / 'metrics.csv') as handle:
         table = list(csv.DictReader(handle))
@@ -118,7 +118,7 @@ def test_same_seed_same_weights_other_seed_other_weights():
     for seed in (1, 1, 2):
         model = make_model(0)
         train(model, data, settings(epochs=1, seed=seed), CPU, log=quiet)
-        runs.setdefault(seed, []).append(model.state_dict()['2.weight'])
+        runs.setdefault(seed, []).append(model.state_dict()['linear.weight'])
     assert torch.equal(runs[1][0], runs[1][1])
     assert not torch.equal(runs[1][0], runs[2][0])
 
@@ -162,3 +162,88 @@ def test_divergence_is_a_user_error():
 def test_settings_are_checked(overrides, message):
     with pytest.raises(UserError, match=message):
         settings(**overrides).check()
+
+
+# --------------------------------------------------------------------------- the caller owns loss, optimizer, phases
+def test_a_custom_loss_reaches_the_loop():
+    """A loss that ignores the labels and pushes every logit of class 0 up: after training, the
+    model answers class 0 everywhere, which cross-entropy on random labels would never do."""
+    data = random_split(n=128)
+    seen = []
+
+    def favour_class_zero(model, x, y):
+        seen.append((model.training, x.shape[0]))
+        return -model(x)[:, 0].mean()
+
+    model = make_model(0)
+    rows = train(model, data, settings(epochs=2, lr=0.1, augment=False), CPU, loss_fn=favour_class_zero, log=quiet)
+    assert len(seen) == 2 * (128 // 8) and all(training for training, _ in seen)
+    assert 'train_acc' not in rows[0]                       # the loss returned no logits
+    with torch.no_grad():
+        assert (model(data.images.float() / 255).argmax(1) == 0).all()
+
+
+def test_a_caller_optimizer_and_state_modules_are_checkpointed_and_restored(tmp_path):
+    """A mask trained beside a frozen model (ANP/RNP's shape): only the mask moves, and a resumed
+    run restores the mask from the checkpoint."""
+    data = random_split()
+
+    class Mask(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.logit = torch.nn.Parameter(torch.zeros(CLASSES))
+
+    def run(resume=False, seed_mask=None, interrupt_at=None):
+        model, mask = make_model(0), Mask()
+        if seed_mask is not None:
+            torch.nn.init.normal_(mask.logit)
+        frozen = {k: v.clone() for k, v in model.state_dict().items()}
+        optimizer = torch.optim.Adam(mask.parameters(), lr=0.1)
+        masked = lambda m, x, y: torch.nn.functional.cross_entropy(m(x) * torch.sigmoid(mask.logit), y)  # noqa: E731
+        train(model, data, settings(), CPU, optimizer=optimizer, loss_fn=masked, state_modules={'mask': mask},
+              workdir=tmp_path / ('run' if interrupt_at or resume else 'whole'), resume=resume, train_mode=False,
+              batch_hook=counting_hook(raise_at=interrupt_at), log=quiet)
+        assert all(torch.equal(v, frozen[k]) for k, v in model.state_dict().items())   # the model did not move
+        return mask.logit.detach().clone()
+
+    whole = run()
+    with pytest.raises(Interrupted):
+        run(interrupt_at=2 * 8 + 1)                    # epoch 3, batch 1
+    resumed = run(resume=True, seed_mask=True)         # starts from another mask: the checkpoint's must win
+    assert not torch.equal(whole, torch.zeros(CLASSES)) and torch.equal(whole, resumed)
+
+
+def test_parameter_groups_use_the_recipe_optimizer():
+    data = random_split()
+    model = make_model(0)
+    head = list(model.linear.parameters())
+    frozen = {name: p.clone() for name, p in model.named_parameters() if not name.startswith('linear')}
+    train(model, data, settings(epochs=1), CPU, optimizer=[{'params': head, 'lr': 0.5}], log=quiet)
+    assert all(torch.equal(p, frozen[name]) for name, p in model.named_parameters() if name in frozen)
+
+
+def two_phase_run(tmp_path, interrupt_at=None, resume=False):
+    """Phase 'unlearn' (2 epochs) then phase 'recover' (3 epochs) on one model, RNP's shape; each
+    hook counts its batches and may interrupt the run at its call ``interrupt_at``."""
+    data = random_split()
+    model = make_model(0)
+    hooks = {'unlearn': counting_hook(), 'recover': counting_hook(raise_at=interrupt_at)}
+    ascent = lambda m, x, y: -torch.nn.functional.cross_entropy(m(x), y)  # noqa: E731
+    train(model, data, settings(epochs=2, lr=0.01), CPU, loss_fn=ascent, phase='unlearn', workdir=tmp_path,
+          resume=resume, batch_hook=hooks['unlearn'], log=quiet)
+    train(model, data, settings(epochs=3), CPU, phase='recover', workdir=tmp_path, resume=resume,
+          batch_hook=hooks['recover'], log=quiet)
+    return model, hooks
+
+
+def test_a_two_phase_run_killed_in_phase_two_resumes_phase_two(tmp_path):
+    reference, _ = two_phase_run(tmp_path / 'reference')
+    with pytest.raises(Interrupted):
+        two_phase_run(tmp_path / 'run', interrupt_at=8 + 4)          # phase 2, epoch 2, batch 4
+    assert sorted(p.name for p in (tmp_path / 'run').iterdir()) == [
+        'checkpoint_recover.pt', 'checkpoint_unlearn.pt', 'metrics_recover.csv', 'metrics_unlearn.csv']
+    resumed, hooks = two_phase_run(tmp_path / 'run', resume=True)
+    assert hooks['unlearn'].calls == 0                 # phase 1 finished: loaded, not retrained
+    assert hooks['recover'].calls == 2 * 8             # phase 2 resumes after its first epoch
+    for name, value in reference.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name

@@ -14,6 +14,7 @@ run verbatim from the repository root.
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import sys
 from pathlib import Path
@@ -59,6 +60,50 @@ def path_arg(value: str) -> str:
     return str(value)
 
 
+def bounded(kind: type, low: float | None = None, high: float | None = None, *,
+            low_open: bool = False, high_open: bool = False, name: str | None = None) -> Callable[[str], Any]:
+    """argparse type: ``kind`` (int or float) within the given bounds, finite. The same function
+    checks the command line and YAML values (see :func:`_check_value`), so a script needs no
+    hand-written range check for its options."""
+    left = '(' if low_open else '['
+    right = ')' if high_open else ']'
+    if low is not None and high is not None:
+        wanted = f'lie in {left}{low:g}, {high:g}{right}'
+    elif low is not None:
+        wanted = f'be {">" if low_open else ">="} {low:g}'
+    elif high is not None:
+        wanted = f'be {"<" if high_open else "<="} {high:g}'
+    else:
+        wanted = 'be finite'
+
+    def check(text: str):
+        try:
+            value = kind(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f'expected {"an integer" if kind is int else "a number"}, got {text!r}') from None
+        ok = math.isfinite(value)
+        if ok and low is not None:
+            ok = value > low if low_open else value >= low
+        if ok and high is not None:
+            ok = value < high if high_open else value <= high
+        if not ok:
+            raise argparse.ArgumentTypeError(f'must {wanted}, got {text}')
+        return value
+
+    check.__name__ = name or f'{kind.__name__} that must {wanted}'
+    return check
+
+
+# the ranges this toolkit's options use
+probability = bounded(float, 0, 1, name='probability')                            # [0, 1]
+fraction = bounded(float, 0, 1, low_open=True, name='fraction')                   # (0, 1]
+positive_float = bounded(float, 0, low_open=True, name='positive number')         # > 0
+nonnegative_float = bounded(float, 0, name='non-negative number')                 # >= 0
+positive_int = bounded(int, 1, name='positive integer')                           # >= 1
+nonnegative_int = bounded(int, 0, name='non-negative integer')                    # >= 0
+pixel_value = bounded(int, 0, 255, name='pixel value')                            # 0..255
+
+
 class ToolkitParser(argparse.ArgumentParser):
     """ArgumentParser that knows its script's folder and reports errors in one line."""
 
@@ -94,7 +139,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, tuple[Any, 
     return merged
 
 
-def _check_value(action: argparse.Action, key: str, value: Any, source: Path) -> Any:
+def _check_value(action: argparse.Action, key: str, value: Any, source: Path | str) -> Any:
     """Run a YAML value through the same type and choices checks as the command line."""
     if value is None and action.default is not None:
         raise UserError(f'{source}: {key} needs a value (got an empty value)')
@@ -120,22 +165,35 @@ def _check_value(action: argparse.Action, key: str, value: Any, source: Path) ->
     return checked if isinstance(value, list) or action.nargs in ('*', '+') else checked[0]
 
 
-def parse_config(parser: ToolkitParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse ``--yaml_path`` first, make its keys the parser's defaults, then parse the rest."""
+def parse_config(parser: ToolkitParser, argv: Sequence[str] | None = None,
+                 config: dict[str, Any] | None = None) -> argparse.Namespace:
+    """Parse ``--yaml_path`` first, make its keys the parser's defaults, then parse the rest.
+
+    ``config`` (the Python entry points' dict of option: value) layers over the YAML and under the
+    command line; its values go through the same checks as YAML values. Its ``yaml_path`` is used
+    when the command line gives none."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    config = dict(config or {})
     pre = ToolkitParser(add_help=False, prog=parser.prog)
     pre.add_argument('--yaml_path')
     known, _ = pre.parse_known_args(argv)
-    if known.yaml_path:
-        yaml_file = Path(resolve_path(known.yaml_path, parser.script_dir))
-        actions = {a.dest: a for a in parser._actions if a.dest not in ('help', 'yaml_path')}
-        defaults = {}
-        for key, (value, source) in _read_yaml(yaml_file).items():
-            if key not in actions:
-                raise UserError(f'{source}: unknown key {key!r} (valid keys: {", ".join(sorted(actions))})')
-            defaults[key] = _check_value(actions[key], key, value, source)
-        parser.set_defaults(**defaults)
+    yaml_path = known.yaml_path or config.get('yaml_path')
+    actions = {a.dest: a for a in parser._actions if a.dest != 'help'}
+    layers: list[tuple[str, Any, Any]] = []
+    if yaml_path:
+        yaml_file = Path(resolve_path(str(yaml_path), parser.script_dir))
+        layers += [(key, value, source) for key, (value, source) in _read_yaml(yaml_file).items()]
+    layers += [(key, value, 'config') for key, value in config.items() if key != 'yaml_path']
+    defaults = {}
+    for key, value, source in layers:
+        if key not in actions or key == 'yaml_path':
+            valid = ', '.join(sorted(k for k in actions if k != 'yaml_path'))
+            raise UserError(f'{source}: unknown key {key!r} (valid keys: {valid})')
+        defaults[key] = _check_value(actions[key], key, value, source)
+    parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
+    if yaml_path and not known.yaml_path:
+        args.yaml_path = str(yaml_path)
     for action in parser._actions:
         if action.type is path_arg:
             setattr(args, action.dest, resolve_path(getattr(args, action.dest), parser.script_dir))

@@ -84,10 +84,6 @@ def _load_cifar(path: Path, tv_class_name: str, label_key: str) -> tuple[Split, 
     tv_class = getattr(tvd, tv_class_name)
     base = tv_class.base_folder
     candidates = [path, path / base, path / tv_class_name.lower() / base]
-    if tv_class_name == 'CIFAR10':
-        candidates.append(path / 'cifar10' / base)
-    else:
-        candidates.append(path / 'cifar100' / base)
     expected = dict(tv_class.train_list + tv_class.test_list)
     folder = next((c for c in candidates if all((c / f).is_file() for f in expected)), None)
     if folder is None:

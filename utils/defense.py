@@ -1,35 +1,67 @@
 """The base defense and the one defense pipeline: record -> clean data -> defend -> evaluate -> save.
 
-A concrete defense subclasses :class:`Defense`, declares its options and implements
-:meth:`Defense.defend`; loading the record, the checks, the before/after table, DER and the
-defense record (``record/<name>/defense/<defense>/``) are shared here."""
+A concrete defense subclasses :class:`Defense`, registers itself with ``@register_defense``,
+declares its options and implements :meth:`Defense.defend`, which returns a
+:class:`DefenseResult`: a repaired model, samples flagged as poisoned, or both. Loading the
+record, the checks, the before/after table, DER, detection precision/recall and the defense
+record (``record/<name>/defense/<defense>/``) are shared here. :func:`run_defense` is the Python
+entry point the command-line scripts are thin wrappers of."""
 from __future__ import annotations
 
 import inspect
 import time
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
 from . import UserError
-from .config import (ToolkitParser, add_common_arguments, config_to_dict, parse_config, path_arg,
+from .config import (ToolkitParser, add_common_arguments, config_to_dict, fraction, parse_config, path_arg,
                      resolve_device, seed_everything)
 from .data import DATASETS, Split, class_balanced_subset, dataset_spec, load_splits
-from .evaluate import defense_effectiveness_rating, evaluate
-from .poison import PoisonedSet
-from .record import DEFENSE_RESULT, Log, load_attack_record, metrics_table, record_folder, save_json, save_torch, save_yaml
-from .train import TrainSettings, add_training_arguments
+from .evaluate import defense_effectiveness_rating, detection_metrics, evaluate
+from .poison import PoisonedSet, poisoned_training_split
+from .record import (DEFENSE_RESULT, Log, load_attack_record, load_record_model, metrics_table, record_folder,
+                     save_json, save_torch, save_yaml)
+from .registry import DEFENSES, register_defense  # noqa: F401  (register_defense: for defense modules)
+from .train import TrainSettings, add_training_arguments, train
+
+
+def run_defense(name: str, config: dict[str, Any] | None = None, argv: Sequence[str] = ()) -> dict:
+    """Run defense ``name`` from Python: ``config`` holds option: value pairs (``result_file``,
+    ``yaml_path``, ...), checked exactly as YAML values are; returns what defense_result.pt holds.
+    Bad input raises :class:`utils.UserError`."""
+    defense = DEFENSES.get(name)()
+    return defense.run(str(DEFENSES.script(name)), list(argv), config)
+
+
+@dataclass
+class DefenseResult:
+    """What :meth:`Defense.defend` returns. ``model``: the defended model (None when the defense
+    only ranks or detects). ``flagged``: indices into the training set that the defense calls
+    poisoned (detection defenses); the base scores them against the record's true poison indices.
+    ``data``: entries for defense_result.pt (tensors and plain values). ``summary``: entries for
+    summary.json."""
+    model: Optional[nn.Module] = None
+    flagged: Optional[torch.Tensor] = None
+    data: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
 
 
 class DefenseContext:
-    """What a defense works with: the backdoored model, the record, the clean subset it may use,
-    the test splits, the device, the resolved options and the log."""
+    """What a defense works with: the backdoored model, the record, the clean training split the
+    attack started from, the clean subset the defense may use, the test splits, the device, the
+    resolved options, the log and the output folder; built lazily on first use, the poisoned
+    training set the model was trained on and its true poison indices."""
 
-    def __init__(self, model, record, clean_subset, test, bd_test, device, args, log, folder):
+    def __init__(self, model, record, train, clean_subset, test, bd_test, device, args, log, folder, name='defense'):
+        self.name = name
         self.model: nn.Module = model
         self.record: dict = record
+        self.train: Split = train
         self.clean_subset: Split = clean_subset
         self.test: Split = test
         self.bd_test: PoisonedSet = bd_test
@@ -39,8 +71,44 @@ class DefenseContext:
         self.folder: Path = folder   # record/<name>/defense/<save_folder_name, default the defense's name>/
         self.spec = dataset_spec(record['dataset'])
 
+    @cached_property
+    def bd_train(self) -> PoisonedSet:
+        """The record's poisoned training samples: indices into :attr:`train`, images, labels."""
+        entry = self.record.get('bd_train')
+        per_batch = bool(self.record.get('trigger', {}).get('per_batch'))
+        if entry is None or (per_batch and len(entry['poison_index']) == 0 and self.record['attack_config'].get('pratio')):
+            raise UserError(f"the record of {self.record['attack']} was written before per-batch attacks recorded their "
+                            'poisoned training set: rerun the attack (--overwrite) to rebuild it')
+        return PoisonedSet.from_record(entry, 'poison_index')
+
+    @property
+    def poison_index(self) -> torch.Tensor:
+        """The true indices of the poisoned training samples (what a detection defense should flag)."""
+        return self.bd_train.index
+
+    @cached_property
+    def poisoned_train(self) -> Split:
+        """The training set the model was trained on: the clean split with the poisoned samples swapped in."""
+        return poisoned_training_split(self.train, self.bd_train)
+
+    def new_model(self) -> nn.Module:
+        """A freshly initialised model of the record's architecture, normalised for its dataset, on the device."""
+        from models import build_model
+        model = build_model(self.record['model_name'], self.record['num_classes'], tuple(self.record['input_shape']),
+                            dataset=self.record['dataset'])
+        return model.to(self.device)
+
     def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
         return evaluate(self.model if model is None else model, self.test, self.bd_test, self.device)
+
+    def finetune(self, model: nn.Module | None = None, data: Split | None = None, **kwargs) -> list[dict]:
+        """Fine-tune ``model`` (default: the record's) on ``data`` (default: the clean subset) with the
+        defense's training options, evaluating every epoch into the defense folder; ``kwargs`` go to
+        :func:`utils.train.train` (``phase``, ``after_step``, ``loss_fn``, ``optimizer``, ...)."""
+        kwargs.setdefault('desc', f'{self.name} finetune')
+        return train(self.model if model is None else model, self.clean_subset if data is None else data,
+                     TrainSettings.from_args(self.args), self.device, evaluate_fn=self.evaluate,
+                     workdir=self.folder, resume=self.args.resume, hflip=self.spec.hflip, log=self.log, **kwargs)
 
 
 class Defense:
@@ -56,23 +124,21 @@ class Defense:
         """Validate options against the record's model and the clean data (raise UserError);
         runs after everything is loaded and before anything is written."""
 
-    def defend(self, ctx: DefenseContext) -> tuple[nn.Module | None, dict[str, Any]]:
-        """Return the defended model and extra entries for defense_result.pt (and ``summary``
-        for summary.json). A model of None means the defense produced no model (a ranking-only
-        run): nothing is evaluated and no defense_result.pt is written."""
+    def defend(self, ctx: DefenseContext) -> DefenseResult:
+        """Repair the model and/or flag poisoned training samples (see :class:`DefenseResult`)."""
         raise NotImplementedError(f'{type(self).__name__} must implement defend')
 
     def build_parser(self, script_file: str) -> ToolkitParser:
         parser = ToolkitParser(prog=Path(script_file).name, description=inspect.getdoc(self), script_file=script_file)
         add_common_arguments(parser)
         group = parser.add_argument_group('record and data')
-        group.add_argument('--result_file', required=True, help='name of the attack record: record/<result_file>/')
+        group.add_argument('--result_file', default=None, help='name of the attack record: record/<result_file>/ (required)')
         group.add_argument('--dataset', default=None, choices=sorted(DATASETS),
                            help='dataset the record must have been trained on')
         group.add_argument('--model', default=None, help='model the record must hold (default: whatever it holds)')
         group.add_argument('--dataset_path', default=None, type=path_arg,
                            help="where the clean data lives (default: the attack's dataset_path)")
-        group.add_argument('--ratio', type=float, default=self.default_ratio,
+        group.add_argument('--ratio', type=fraction, default=self.default_ratio,
                            help='fraction of the clean training set the defense may use (class-balanced, seeded)')
         group.add_argument('--save_folder_name', default=None,
                            help="record/<result_file>/defense/<save_folder_name>/ receives the result (default: the "
@@ -82,11 +148,12 @@ class Defense:
         self.add_arguments(parser.add_argument_group(f'{self.name} defense'))
         return parser
 
-    def run(self, script_file: str, argv: Sequence[str] | None = None) -> dict:
+    def run(self, script_file: str, argv: Sequence[str] | None = None, config: dict[str, Any] | None = None) -> dict:
         """The whole defense: every check happens before anything is written."""
-        args = parse_config(self.build_parser(script_file), argv)
-        if not 0 < args.ratio <= 1:
-            raise UserError(f'ratio must lie in (0, 1], got {args.ratio}')
+        parser = self.build_parser(script_file)
+        args = parse_config(parser, argv, config)
+        if not args.result_file:
+            parser.error('the following arguments are required: --result_file')
         source = record_folder(args.record_root, args.result_file)
         args.save_folder_name = args.save_folder_name or self.name
         folder = record_folder(source / 'defense', args.save_folder_name)
@@ -102,11 +169,11 @@ class Defense:
 
         attack_config = record['attack_config']
         data_path = args.dataset_path or attack_config['dataset_path']
-        train, test = load_splits(record['dataset'], data_path, attack_config.get('train_fraction', 1.0),
-                                  attack_config.get('test_fraction', 1.0), attack_config['random_seed'])
+        train_split, test = load_splits(record['dataset'], data_path, attack_config.get('train_fraction', 1.0),
+                                        attack_config.get('test_fraction', 1.0), attack_config['random_seed'])
         bd_test = PoisonedSet.from_record(record['bd_test'])
         seed_everything(args.random_seed)
-        clean_subset = train.subset(class_balanced_subset(train.labels, args.ratio, args.random_seed))
+        clean_subset = train_split.subset(class_balanced_subset(train_split.labels, args.ratio, args.random_seed))
         self.check(args, model, clean_subset)
 
         log = Log(folder / 'log.txt')
@@ -115,35 +182,33 @@ class Defense:
         log(f'{self.name} on {source.name} ({record["attack"]}, {record["model_name"]}, {record["dataset"]}): '
             f'{len(clean_subset)} clean training samples, device {device}')
         started = time.time()
-        ctx = DefenseContext(model.to(device), record, clean_subset, test, bd_test, device, args, log, folder)
+        ctx = DefenseContext(model.to(device), record, train_split, clean_subset, test, bd_test, device, args, log,
+                             folder, self.name)
         before = ctx.evaluate()
-        defended, extras = self.defend(ctx)
-        summary = {'defense': self.name, 'record': source.name, 'before': before} | extras.pop('summary', {})
-        if defended is None:
-            save_json(summary | {'seconds': round(time.time() - started, 2)}, folder / 'summary.json')
-            log(f'{self.name}: no model produced; wrote {folder}')
-            return {'metrics_before': before} | extras
-        after = ctx.evaluate(defended)
-        after['der'] = defense_effectiveness_rating(before, after)
-        seconds = round(time.time() - started, 2)
-
+        outcome = self.defend(ctx)
+        summary = {'defense': self.name, 'record': source.name, 'before': before} | outcome.summary
         result = {'model_name': record['model_name'], 'num_classes': record['num_classes'],
                   'input_shape': record['input_shape'], 'dataset': record['dataset'], 'attack': record['attack'],
-                  'defense': self.name, 'defense_config': config, 'model': defended.cpu().state_dict(),
-                  'metrics_before': before, 'metrics': after} | extras
+                  'defense': self.name, 'defense_config': config, 'metrics_before': before} | outcome.data
+        rows = {'before (record)': before}
+        if outcome.flagged is not None:
+            detection = detection_metrics(outcome.flagged, ctx.poison_index, len(train_split))
+            result |= {'flagged': torch.as_tensor(outcome.flagged, dtype=torch.int64), 'detection': detection}
+            summary['detection'] = detection
+            log(f'{self.name} flagged {detection["flagged"]} of {len(train_split)} training samples: '
+                f'{detection["true_positives"]} of the {detection["poisoned"]} poisoned (precision '
+                f'{detection["precision"]:.4f}, recall {detection["recall"]:.4f}, F1 {detection["f1"]:.4f})')
+        if outcome.model is not None:
+            after = ctx.evaluate(outcome.model)
+            after['der'] = defense_effectiveness_rating(before, after)
+            result |= {'model': outcome.model.cpu().state_dict(), 'metrics': after}
+            summary['after'] = rows[f'after {self.name}'] = after
+        summary['seconds'] = seconds = round(time.time() - started, 2)
+        if outcome.model is None and outcome.flagged is None:
+            save_json(summary, folder / 'summary.json')
+            log(f'{self.name}: no model produced; wrote {folder}')
+            return result
         save_torch(result, folder / DEFENSE_RESULT)
-        save_json(summary | {'after': after, 'seconds': seconds}, folder / 'summary.json')
-        table = metrics_table({'before (record)': before, f'after {self.name}': after})
-        log(f'saved {folder / DEFENSE_RESULT} ({seconds:.1f} s)\n{table}')
+        save_json(summary, folder / 'summary.json')
+        log(f'saved {folder / DEFENSE_RESULT} ({seconds:.1f} s)\n{metrics_table(rows)}')
         return result
-
-
-def load_record_model(record: dict) -> nn.Module:
-    """Rebuild a record's model from the registry and load its weights."""
-    from models import build_model
-    model = build_model(record['model_name'], record['num_classes'], tuple(record['input_shape']))
-    try:
-        model.load_state_dict(record['model'])
-    except RuntimeError as exc:
-        raise UserError(f"the record's weights do not fit a {record['model_name']}: {str(exc).splitlines()[0]}") from None
-    return model

@@ -1,6 +1,7 @@
 """The one evaluation function: ACC, ASR and RA (and DER when comparing a defended model)."""
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 
 import torch
@@ -53,3 +54,20 @@ def defense_effectiveness_rating(before: dict[str, float], after: dict[str, floa
     asr_drop = max(0.0, before['asr'] - after['asr'])
     acc_drop = max(0.0, before['acc'] - after['acc'])
     return (asr_drop - acc_drop + 1) / 2
+
+
+def detection_metrics(flagged: torch.Tensor, poison_index: torch.Tensor, total: int) -> dict[str, float]:
+    """How well ``flagged`` (indices a detection defense calls poisoned) finds ``poison_index``
+    (the truly poisoned ones) among ``total`` samples: counts, precision, recall, F1 and the
+    false-positive rate (as TrojanZoo's training-filtering defenses report them)."""
+    flagged = torch.unique(torch.as_tensor(flagged, dtype=torch.int64))
+    truth = torch.unique(torch.as_tensor(poison_index, dtype=torch.int64))
+    true_positives = int(torch.isin(flagged, truth).sum())
+    precision = true_positives / len(flagged) if len(flagged) else float('nan')
+    recall = true_positives / len(truth) if len(truth) else float('nan')
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else (
+        float('nan') if math.isnan(precision) or math.isnan(recall) else 0.0)
+    clean = total - len(truth)
+    return {'flagged': len(flagged), 'poisoned': len(truth), 'true_positives': true_positives,
+            'precision': precision, 'recall': recall, 'f1': f1,
+            'fpr': (len(flagged) - true_positives) / clean if clean else float('nan')}

@@ -21,95 +21,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from . import UserError
 from .evaluate import eval_mode, predict
+from .hooks import output_of, outputs_of
+from .pruning import ConvLayer, conv_layers
 
 SELECT_MODES = ('fraction', 'kmeans')
 PRUNE_MODES = ('zero', 'mask')
-
-
-# --------------------------------------------------------------------------- model graph
-@dataclass
-class ConvLayer:
-    name: str
-    conv: nn.Conv2d
-    bn_name: Optional[str] = None      # the BatchNorm that consumes this conv's output directly
-    bn: Optional[nn.BatchNorm2d] = None
-
-    @property
-    def channels(self) -> int:
-        return self.conv.out_channels
-
-
-def conv_layers(model: nn.Module, input_shape: tuple[int, ...]) -> list[ConvLayer]:
-    """Every ``nn.Conv2d`` in forward order, each paired with the BatchNorm whose input *is* its
-    output tensor (found by tracing one forward, never by module order: in ResNet downsampling
-    blocks module order and data flow disagree)."""
-    names = {module: name for name, module in model.named_modules()}
-    layers: dict[str, ConvLayer] = {}
-    produced: dict[int, tuple[torch.Tensor, str]] = {}
-
-    def on_conv(module, inputs, output):
-        name = names[module]
-        layers.setdefault(name, ConvLayer(name, module))
-        produced[id(output)] = (output, name)
-
-    def on_bn(module, inputs):
-        entry = produced.get(id(inputs[0]))
-        if entry is not None and entry[0] is inputs[0] and layers[entry[1]].bn is None:
-            layers[entry[1]].bn_name, layers[entry[1]].bn = names[module], module
-
-    handles = [m.register_forward_hook(on_conv) for m in model.modules() if isinstance(m, nn.Conv2d)]
-    handles += [m.register_forward_pre_hook(on_bn) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    device = next(model.parameters()).device
-    try:
-        with eval_mode(model), torch.no_grad():
-            model(torch.zeros(1, *input_shape, device=device))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return list(layers.values())
-
-
-class _Stop(Exception):
-    pass
-
-
-def features_at(model: nn.Module, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """The output of ``conv`` for input ``x``; the forward stops there."""
-    captured = {}
-
-    def hook(module, inputs, output):
-        captured['out'] = output
-        raise _Stop
-
-    handle = conv.register_forward_hook(hook)
-    try:
-        model(x)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    return captured['out']
-
-
-def all_features(model: nn.Module, layers: list[ConvLayer], x: torch.Tensor) -> list[torch.Tensor]:
-    """The output of every layer in ``layers`` for input ``x``, from one forward."""
-    captured = {}
-    handles = [layer.conv.register_forward_hook(lambda m, i, o, name=layer.name: captured.setdefault(name, o))
-               for layer in layers]
-    try:
-        model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return [captured[layer.name] for layer in layers]
 
 
 # --------------------------------------------------------------------------- FGSM on feature maps
@@ -150,7 +73,7 @@ def _layer_adversarial_fast(model, layer: ConvLayer, x, x0, clean_feature, setti
     if settings.steps == 1 and chunk == 1:
         # one forward through the prefix, one backward per channel through the retained graph
         start = x0.detach().requires_grad_(True)
-        feature = features_at(model, layer.conv, start)
+        feature = output_of(model, layer.conv, start)
         out = torch.empty((channels,) + tuple(x.shape), device=x.device)
         for k in range(channels):
             loss = feature_loss(feature[:, k].unsqueeze(0), clean_feature[:, k].unsqueeze(0))
@@ -164,7 +87,7 @@ def _layer_adversarial_fast(model, layer: ConvLayer, x, x0, clean_feature, setti
         target = clean_feature[:, ks].transpose(0, 1)
         for _ in range(settings.steps):
             replicas = current.flatten(0, 1).detach().requires_grad_(True)
-            feature = features_at(model, layer.conv, replicas).unflatten(0, (len(ks), len(x)))
+            feature = output_of(model, layer.conv, replicas).unflatten(0, (len(ks), len(x)))
             loss = feature_loss(feature[torch.arange(len(ks), device=x.device), :, ks], target)
             grad, = torch.autograd.grad(loss, replicas)
             current = fgsm_step(current, x, grad.unflatten(0, (len(ks), len(x))).sign(), settings.eps, project)
@@ -193,7 +116,7 @@ def rank_feature_maps(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, s
     with eval_mode(model):
         x0 = random_start(x, settings.alpha, generator)
         with torch.no_grad():
-            clean = all_features(model, layers, x)
+            clean = outputs_of(model, [layer.conv for layer in layers], x)
         result = {}
         for layer, clean_feature in zip(tqdm(layers, desc='FMP rank', disable=None if progress else True), clean):
             adversarial = _layer_adversarial_fast(model, layer, x, x0, clean_feature, settings)
@@ -215,9 +138,9 @@ def rank_reference(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, sett
             for k in range(layer.channels):
                 current = x0
                 for _ in range(settings.steps):
-                    clean = all_features(model, layers, x)[index].detach()
+                    clean = outputs_of(model, [layer.conv for layer in layers], x)[index].detach()
                     start = current.detach().requires_grad_(True)
-                    adv = all_features(model, layers, start)[index]
+                    adv = outputs_of(model, [layer.conv for layer in layers], start)[index]
                     loss = feature_loss(adv[:, k].unsqueeze(0), clean[:, k].unsqueeze(0))
                     grad, = torch.autograd.grad(loss, start)
                     current = fgsm_step(current, x, grad.sign(), settings.eps, project)
@@ -257,34 +180,6 @@ def flag_channels(scores: torch.Tensor, select: str = 'fraction', prune_exponent
     count = min(len(scores), max(len(scores) // 2 ** prune_exponent, min_prune))
     lowest = torch.sort(scores, stable=True).indices[:count]
     return torch.sort(lowest).values
-
-
-# --------------------------------------------------------------------------- pruning
-@torch.no_grad()
-def prune_channels(layers: list[ConvLayer], flagged: dict[str, torch.Tensor]) -> None:
-    """Zero each flagged channel's conv weights (and bias) and its paired BatchNorm's weight and bias."""
-    for layer in layers:
-        channels = flagged.get(layer.name)
-        if channels is None or len(channels) == 0:
-            continue
-        layer.conv.weight[channels] = 0
-        if layer.conv.bias is not None:
-            layer.conv.bias[channels] = 0
-        if layer.bn is not None and layer.bn.affine:
-            layer.bn.weight[channels] = 0
-            layer.bn.bias[channels] = 0
-
-
-def keep_pruned(layers: list[ConvLayer], flagged: dict[str, torch.Tensor]) -> Callable[[nn.Module], None]:
-    """``after_step`` callback for ``prune_mode: mask``: pruned channels stay zero through fine-tuning."""
-    return lambda model: prune_channels(layers, flagged)
-
-
-def check_prunable(model: nn.Module, input_shape: tuple[int, ...], model_name: str) -> list[ConvLayer]:
-    layers = conv_layers(model, input_shape)
-    if not layers:
-        raise UserError(f'the record\'s model ({model_name}) has no Conv2d layers: FMP ranks convolutional feature maps')
-    return layers
 
 
 def timed(fn, *args, **kwargs):

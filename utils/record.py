@@ -117,6 +117,20 @@ def load_attack_record(folder: Path) -> dict:
     return record
 
 
+def load_record_model(record: dict):
+    """Rebuild a record's model from the registry, normalised for its dataset, with its weights."""
+    from models import build_model
+    model = build_model(record['model_name'], record['num_classes'], tuple(record['input_shape']),
+                        dataset=record.get('dataset'))
+    try:
+        model.load_state_dict(record['model'])
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"the record's weights do not fit this toolkit's {record['model_name']} ({reason}); "
+                        'a record written by an older version is rebuilt by rerunning its attack') from None
+    return model
+
+
 def metrics_table(rows: dict[str, dict[str, float]]) -> str:
     """A small fixed-width table: one row per stage, columns ACC, ASR, RA (and DER), in percent."""
     columns = [c for c in ('acc', 'asr', 'ra', 'der') if any(c in r for r in rows.values())]

@@ -1,6 +1,10 @@
 """The one training loop, used by attacks (training the backdoored model) and defenses
-(fine-tuning). SGD with a per-epoch schedule, AMP on CUDA only, batched augmentation on the
-training device, per-epoch evaluation into metrics.csv, a checkpoint each epoch and resume.
+(fine-tuning, mask learning, unlearning). As in torchvision's reference ``train_one_epoch``, the
+caller may own the optimizer and the loss: :func:`train` takes an optimizer (or parameter groups
+for the recipe's SGD), a ``loss_fn(model, x, y)`` and a ``phase`` name that names the checkpoint
+and the metrics file, so a defense with several phases resumes the right one. AMP runs on CUDA
+only (bf16 where supported, else fp16 with a gradient scaler); augmentation is batched on the
+training device; every epoch is evaluated into the metrics file and checkpointed.
 
 Randomness (shuffling, augmentation, per-batch poisoning) comes from a generator seeded with
 (seed, epoch), so a run resumed from epoch k's checkpoint is identical to an uninterrupted one."""
@@ -10,7 +14,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -18,15 +22,34 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import UserError
-from .config import ToolkitParser, str2bool
+from .config import (ToolkitParser, nonnegative_float, nonnegative_int, positive_float, positive_int,
+                     str2bool)
 from .data import Split, augment, to_float
 from .record import load_torch, save_csv, save_torch
 
 CHECKPOINT = 'checkpoint.pt'
+METRICS = 'metrics.csv'
 SCHEDULERS = ('CosineAnnealingLR', 'MultiStepLR', 'none')
 
-# (images, labels, generator) -> (images, labels): per-batch poisoning such as WaNet's
-BatchHook = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+# (images, labels, generator, model) -> (images, labels): per-batch poisoning (WaNet, Input-aware)
+BatchHook = Callable[[torch.Tensor, torch.Tensor, torch.Generator, nn.Module], tuple[torch.Tensor, torch.Tensor]]
+# (model, images, labels) -> loss, or (loss, logits) when training accuracy should be logged
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]
+
+
+def cross_entropy_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The default loss: cross-entropy of the model's logits."""
+    logits = model(x)
+    return F.cross_entropy(logits, y), logits
+
+
+def phase_files(phase: Optional[str]) -> tuple[str, str]:
+    """(checkpoint, metrics) file names of a training phase; the unnamed phase keeps the plain names."""
+    if phase is None:
+        return CHECKPOINT, METRICS
+    if not phase.replace('_', '').isalnum():
+        raise ValueError(f'phase names are letters, digits and underscores, got {phase!r}')
+    return f'checkpoint_{phase}.pt', f'metrics_{phase}.csv'
 
 
 @dataclass
@@ -59,22 +82,28 @@ class TrainSettings:
             raise UserError(f'epochs must be >= 0, got {self.epochs}')
         if self.batch_size < 1:
             raise UserError(f'batch_size must be >= 1, got {self.batch_size}')
-        if not self.lr > 0:
-            raise UserError(f'lr must be > 0, got {self.lr}')
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise UserError(f'lr must be a finite number > 0, got {self.lr}')
 
 
 def add_training_arguments(parser: ToolkitParser) -> None:
     """The training-recipe options (names as in BackdoorBench's YAML files)."""
     group = parser.add_argument_group('training')
-    group.add_argument('--epochs', type=int, default=100)
-    group.add_argument('--batch_size', type=int, default=128)
-    group.add_argument('--lr', type=float, default=0.01, help='initial SGD learning rate')
-    group.add_argument('--sgd_momentum', type=float, default=0.9)
-    group.add_argument('--wd', type=float, default=5e-4, help='weight decay')
+    group.add_argument('--epochs', type=nonnegative_int, default=100)
+    group.add_argument('--batch_size', type=positive_int, default=128)
+    group.add_argument('--lr', type=positive_float, default=0.01, help='initial SGD learning rate')
+    group.add_argument('--sgd_momentum', type=nonnegative_float, default=0.9)
+    group.add_argument('--wd', type=nonnegative_float, default=5e-4, help='weight decay')
     group.add_argument('--lr_scheduler', default='CosineAnnealingLR', choices=SCHEDULERS)
-    group.add_argument('--min_lr', type=float, default=0.0, help='final learning rate of the cosine schedule')
-    group.add_argument('--steplr_milestones', type=int, nargs='*', default=[], help='epochs at which MultiStepLR divides lr by 10')
+    group.add_argument('--min_lr', type=nonnegative_float, default=0.0, help='final learning rate of the cosine schedule')
+    group.add_argument('--steplr_milestones', type=positive_int, nargs='*', default=[],
+                       help='epochs at which MultiStepLR divides lr by 10')
     group.add_argument('--augment', type=str2bool, default=True, help='random crop (padding 4) and, where the dataset allows, horizontal flip')
+
+
+def make_optimizer(params: Iterable, settings: TrainSettings) -> torch.optim.Optimizer:
+    """The recipe's optimizer: SGD with momentum and weight decay over ``params`` (tensors or groups)."""
+    return torch.optim.SGD(params, lr=settings.lr, momentum=settings.sgd_momentum, weight_decay=settings.wd)
 
 
 def _scheduler(optimizer, settings: TrainSettings):
@@ -85,11 +114,11 @@ def _scheduler(optimizer, settings: TrainSettings):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
 
 
-def _autocast(device: torch.device, enabled: bool):
-    if enabled and device.type == 'cuda':
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast('cuda', dtype=dtype)
-    return torch.autocast(device.type, enabled=False)
+def amp_dtype(device: torch.device, enabled: bool) -> Optional[torch.dtype]:
+    """The autocast dtype: bf16 where the GPU supports it, else fp16; None off CUDA or when disabled."""
+    if not (enabled and device.type == 'cuda'):
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -97,29 +126,52 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
 
 
 def train(model: nn.Module, data: Split, settings: TrainSettings, device: torch.device, *,
+          optimizer: Union[torch.optim.Optimizer, Iterable, None] = None, loss_fn: Optional[LossFn] = None,
+          phase: Optional[str] = None, state_modules: Optional[dict[str, nn.Module]] = None,
           evaluate_fn: Optional[Callable[[nn.Module], dict]] = None, workdir: Optional[Path] = None,
           resume: bool = False, hflip: bool = True, batch_hook: Optional[BatchHook] = None,
-          after_step: Optional[Callable[[nn.Module], None]] = None, log: Callable[[str], None] = print,
-          desc: str = 'train') -> list[dict]:
+          after_step: Optional[Callable[[nn.Module], None]] = None, train_mode: bool = True,
+          log: Callable[[str], None] = print, desc: Optional[str] = None) -> list[dict]:
     """Train ``model`` in place on ``data`` and return one metrics row per epoch.
 
-    With ``workdir``, every epoch rewrites ``metrics.csv`` and ``checkpoint.pt`` there; with
-    ``resume`` training continues after the checkpoint's epoch. ``after_step`` runs after every
+    ``optimizer``: an optimizer the caller built, or parameters / parameter groups for the
+    recipe's SGD (default: all of ``model``'s parameters). ``loss_fn(model, x, y)``: the loss,
+    or (loss, logits) to log training accuracy (default: cross-entropy). ``state_modules``: other
+    modules trained beside ``model`` (a trigger generator, masks), saved in and restored from the
+    checkpoint. ``train_mode=False`` keeps ``model`` in eval mode (BatchNorm statistics frozen),
+    as mask and trigger optimisation want. With ``workdir``, every epoch rewrites the phase's
+    metrics file and checkpoint there (:func:`phase_files`); with ``resume`` training continues
+    after the checkpoint's epoch, and a finished phase loads its final state and trains no more.
+    ``batch_hook`` poisons each batch after augmentation; ``after_step`` runs after every
     optimiser step (FMP's mask mode keeps pruned channels at zero with it)."""
     model.to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.sgd_momentum,
-                                weight_decay=settings.wd)
+    state_modules = dict(state_modules or {})
+    for module in state_modules.values():
+        module.to(device)
+    if optimizer is None:
+        optimizer = make_optimizer(model.parameters(), settings)
+    elif not isinstance(optimizer, torch.optim.Optimizer):
+        optimizer = make_optimizer(optimizer, settings)
+    loss_fn = loss_fn or cross_entropy_loss
+    desc = desc or phase or 'train'
     scheduler = _scheduler(optimizer, settings)
+    dtype = amp_dtype(device, settings.amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     rows: list[dict] = []
     start_epoch = 0
-    checkpoint_path = Path(workdir) / CHECKPOINT if workdir else None
+    checkpoint_name, metrics_name = phase_files(phase)
+    checkpoint_path = Path(workdir) / checkpoint_name if workdir else None
     if resume and checkpoint_path is not None and checkpoint_path.exists():
         state = load_torch(checkpoint_path, 'checkpoint')
         model.load_state_dict(state['model'])
+        for name, module in state_modules.items():
+            module.load_state_dict(state['modules'][name])
         optimizer.load_state_dict(state['optimizer'])
         scheduler.load_state_dict(state['scheduler'])
+        if 'scaler' in state:
+            scaler.load_state_dict(state['scaler'])
         rows, start_epoch = list(state['rows']), int(state['epoch']) + 1
-        log(f'resumed from {checkpoint_path} after epoch {start_epoch}')
+        log(f'resumed {desc} from {checkpoint_path} after epoch {start_epoch}')
 
     images = data.images.to(device)
     labels = data.labels.to(device)
@@ -127,7 +179,7 @@ def train(model: nn.Module, data: Split, settings: TrainSettings, device: torch.
         started = time.time()
         generator = epoch_generator(settings.seed, epoch)
         order = torch.randperm(len(labels), generator=generator).to(device)
-        model.train()
+        model.train(train_mode)
         loss_sum, correct, seen = 0.0, 0, 0
         batches = range(0, len(order), settings.batch_size)
         bar = tqdm(batches, desc=f'{desc} {epoch + 1}/{settings.epochs}', leave=False, disable=None)
@@ -137,23 +189,26 @@ def train(model: nn.Module, data: Split, settings: TrainSettings, device: torch.
             if settings.augment:
                 x = augment(x, generator, hflip)
             if batch_hook is not None:
-                x, y = batch_hook(x, y, generator)
-            with _autocast(device, settings.amp):
-                logits = model(x)
-                loss = F.cross_entropy(logits, y)
+                x, y = batch_hook(x, y, generator, model)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                out = loss_fn(model, x, y)
+            loss, logits = out if isinstance(out, tuple) else (out, None)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             if after_step is not None:
                 after_step(model)
             loss_sum += loss.item() * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
+            if logits is not None:
+                correct += (logits.argmax(1) == y).sum().item()
             seen += len(y)
-            bar.set_postfix(loss=f'{loss_sum / seen:.3f}', acc=f'{correct / seen:.3f}')
+            bar.set_postfix(loss=f'{loss_sum / seen:.3f}')
         if not math.isfinite(loss_sum):
             raise UserError(f'training diverged at epoch {epoch + 1} (loss is not finite): lower lr')
-        row = {'epoch': epoch + 1, 'lr': optimizer.param_groups[0]['lr'],
-               'train_loss': loss_sum / max(seen, 1), 'train_acc': correct / max(seen, 1)}
+        row = {'epoch': epoch + 1, 'lr': optimizer.param_groups[0]['lr'], 'train_loss': loss_sum / max(seen, 1)}
+        if logits is not None:
+            row['train_acc'] = correct / max(seen, 1)
         scheduler.step()
         if evaluate_fn is not None:
             row.update(evaluate_fn(model))
@@ -162,7 +217,9 @@ def train(model: nn.Module, data: Split, settings: TrainSettings, device: torch.
         log(f'{desc} epoch {epoch + 1}/{settings.epochs}: ' +
             ' '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}' for k, v in row.items() if k != 'epoch'))
         if checkpoint_path is not None:
-            save_torch({'epoch': epoch, 'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
-                        'scheduler': scheduler.state_dict(), 'rows': rows}, checkpoint_path)
-            save_csv(rows, Path(workdir) / 'metrics.csv')
+            save_torch({'epoch': epoch, 'phase': phase, 'model': model.state_dict(),
+                        'modules': {name: m.state_dict() for name, m in state_modules.items()},
+                        'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
+                        'scaler': scaler.state_dict(), 'rows': rows}, checkpoint_path)
+            save_csv(rows, Path(workdir) / metrics_name)
     return rows

@@ -3,23 +3,18 @@ default 5% of the training set, class-balanced)."""
 import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # noqa: E702
 
 from utils.config import run_main
-from utils.defense import Defense
-from utils.train import TrainSettings, train
+from utils.defense import Defense, DefenseResult, register_defense
 
 
+@register_defense
 class FineTuning(Defense):
     """Fine-tuning (FT): retrain the record's model on a clean, class-balanced subset."""
     name = 'ft'
     default_ratio = 0.05
 
     def defend(self, ctx):
-        rows = train(ctx.model, ctx.clean_subset, TrainSettings.from_args(ctx.args), ctx.device,
-                     evaluate_fn=ctx.evaluate, workdir=ctx.folder, resume=ctx.args.resume,
-                     hflip=ctx.spec.hflip, log=ctx.log, desc='ft')
-        return ctx.model, {'summary': {'finetune_seconds': sum(r['seconds'] for r in rows)}}
-
-
-DEFENSE = FineTuning
+        rows = ctx.finetune(desc='ft')
+        return DefenseResult(ctx.model, summary={'finetune_seconds': sum(r['seconds'] for r in rows)})
 
 
 def main(argv=None):
