@@ -153,7 +153,7 @@ class Defense:
         parser = self.build_parser(script_file)
         args = parse_config(parser, argv, config)
         if not args.result_file:
-            parser.error('the following arguments are required: --result_file')
+            raise UserError('--result_file is required: the name of the attack record to defend (record/<result_file>/)')
         source = record_folder(args.record_root, args.result_file)
         args.save_folder_name = args.save_folder_name or self.name
         folder = record_folder(source / 'defense', args.save_folder_name)
