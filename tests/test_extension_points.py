@@ -219,3 +219,51 @@ def test_apply_trigger_knows_train_from_test_and_gets_a_seeded_generator():
     test = Noisy().poison_test(split, args, spec)
     assert [train for train, _ in seen] == [True, True, False]
     assert torch.equal(seen[0][1], first.index) and torch.equal(seen[2][1], test.index)
+
+
+# --------------------------------------------------------------------------- a trigger trained with the model
+class AdditiveTrigger(torch.nn.Module):
+    def __init__(self, shape):
+        super().__init__()
+        self.pattern = torch.nn.Parameter(torch.zeros(shape))
+
+
+@register_attack
+class LearnedTriggerProbe(Attack):
+    """Test double of Input-aware/LIRA's shape: an additive trigger trained jointly with the
+    classifier through the batch hook, checkpointed beside it, recorded after training."""
+    name = 'probe_learned_trigger'
+    per_batch = True
+    learned_trigger = True
+
+    def prepare(self, ctx):
+        self.trigger = AdditiveTrigger(ctx.spec.input_shape).to(ctx.device)
+
+    def apply_trigger(self, images, *, train, index=None, generator=None):
+        with torch.no_grad():
+            x = images.float() / 255 + self.trigger.pattern.detach().cpu()
+        return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+
+    def poison_batch(self, x, y, generator, model):
+        k = len(y) // 10
+        poisoned = (x[:k] + self.trigger.pattern).clamp(0, 1)      # differentiable in the pattern
+        return torch.cat([poisoned, x[k:]]), torch.cat([torch.zeros_like(y[:k]), y[k:]])
+
+    def train_model(self, ctx, model, data, settings):
+        groups = [{'params': model.parameters()}, {'params': self.trigger.parameters(), 'lr': 0.05}]
+        return utils.attack.train(model, data, settings, ctx.device, optimizer=groups, batch_hook=self.poison_batch,
+                                  state_modules={'trigger': self.trigger}, evaluate_fn=ctx.evaluate,
+                                  workdir=ctx.folder, resume=ctx.args.resume, log=ctx.log, desc=self.name)
+
+
+def test_a_learned_trigger_is_trained_checkpointed_and_recorded_after_training(tmp_path, cached_cifar):
+    record = tiny_attack('probe_learned_trigger', tmp_path, epochs=2, pratio=0.1, augment=False,
+                         yaml_path=str(REPO_ROOT / 'config/attack/prototype/cifar10.yaml'))
+    pattern = load_torch(tmp_path / 'probe_learned_trigger' / 'checkpoint.pt', 'checkpoint')['modules']['trigger']['pattern']
+    assert pattern.abs().sum() > 0                                   # the trigger moved
+    _, test = utils.data.load_splits('cifar10', CIFAR10_DIR, 0.02, 0.02, 0)
+    bd_test = record['bd_test']
+    expected = ((test.images[bd_test['index']].float() / 255 + pattern).clamp(0, 1) * 255).round().to(torch.uint8)
+    assert torch.equal(bd_test['images'], expected)                  # made with the final trigger
+    rows = (tmp_path / 'probe_learned_trigger' / 'metrics.csv').read_text().splitlines()
+    assert len(rows) == 3 and record['metrics']['asr'] == pytest.approx(float(rows[-1].split(',')[rows[0].split(',').index('asr')]))

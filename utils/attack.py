@@ -56,6 +56,9 @@ class AttackContext:
         self._clean_model: Optional[nn.Module] = None
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """ACC/ASR/RA of ``model``; for a learned trigger, on test inputs poisoned by its current state."""
+        if self.attack.learned_trigger:
+            self.bd_test = self.attack.poison_test(self.test, self.args, self.spec)
         return evaluate(model, self.test, self.bd_test, self.device)
 
     def clean_model(self) -> nn.Module:
@@ -109,12 +112,14 @@ class Attack:
     Clean-label attacks set ``clean_label = True``; attacks that poison each batch while training
     (WaNet) set ``per_batch = True`` and provide :meth:`batch_hook`; attacks that need a clean
     reference model (LF, LC, TrojanNN) set ``needs_clean_model = True`` and call
-    ``ctx.clean_model()``; attacks that train more than the classifier (Input-aware, LIRA)
-    override :meth:`train_model`."""
+    ``ctx.clean_model()``; attacks whose trigger is trained with the classifier (Input-aware,
+    LIRA) set ``learned_trigger = True`` (the record's poisoned sets are made after training, and
+    every evaluation re-poisons the test set) and override :meth:`train_model`."""
     name: str = ''
     clean_label: bool = False
     per_batch: bool = False
     needs_clean_model: bool = False
+    learned_trigger: bool = False
 
     # ---- what a concrete attack provides
     def add_arguments(self, parser: ToolkitParser) -> None:
@@ -251,12 +256,15 @@ class Attack:
         ctx.bd_test = bd_test = self.poison_test(test_split, args, spec)
         config = config_to_dict(args) | {'attack': self.name}
         save_yaml(config, folder / 'config.yaml')
-        self.save_preview(test_split, folder / 'preview.png')
         log(f'{self.name} on {args.dataset} with {args.model}: {self.describe_training_poison(bd_train, args)}, '
             f'{len(bd_test)} poisoned test samples, device {device}')
 
         data = train_split if self.per_batch else poisoned_training_split(train_split, bd_train)
         rows = self.train_model(ctx, model, data, settings)
+        if self.learned_trigger:   # the trigger the model was trained with is the final one
+            bd_train = self.poison_train(train_split, args, spec)
+            ctx.bd_test = bd_test = self.poison_test(test_split, args, spec)
+        self.save_preview(test_split, folder / 'preview.png')
         metrics = evaluate(model, test_split, bd_test, device)
         model.cpu()
         result = {'model_name': args.model, 'num_classes': spec.num_classes, 'input_shape': list(spec.input_shape),
