@@ -209,7 +209,7 @@ def test_fmp_cli_lowers_asr_and_keeps_acc(badnet_record):
     assert after['acc'] > before['acc'] - 0.10, (before, after)  # ACC within 10 points (tiny training budget)
     assert 'ACC' in result.stdout and 'after feature' in result.stdout
     scores = (out / 'channel_scores.csv').read_text().splitlines()
-    assert scores[0] == 'layer,channel,score,pruned'
+    assert scores[0] == 'layer,channel,score,trigger_lift,fmp,pruned'
     assert len(scores) - 1 == sum(layer.channels for layer in conv_layers(build_model('resnet20', 10, (3, 32, 32)), (3, 32, 32)))
     pruned = json.loads((out / 'pruned_channels.json').read_text())
     assert sum(len(v['channels']) for v in pruned.values()) == sum(int(line.rsplit(',', 1)[1]) for line in scores[1:])
@@ -269,3 +269,185 @@ def test_model_without_conv_layers_fails_cleanly(mlp_record):
     lines = error_lines(result)
     assert len(lines) == 1 and 'no Conv2d layers' in lines[0], result.stderr
     assert snapshot(folder) == before
+
+
+# --------------------------------------------------------------------------- controls, amount rules, the release's choices
+from utils.fmp import (PruneAmount, fmp_flags, highest_channels, lowest_channels, random_channels,  # noqa: E402
+                       score_predictions, trigger_lift)
+from utils.pruning import module_order_targets  # noqa: E402
+
+
+def synthetic_scores(seed=0, widths=(16, 32, 64, 64)):
+    g = torch.Generator().manual_seed(seed)
+    return {f'layer{i}': torch.rand(c, generator=g) for i, c in enumerate(widths)}
+
+
+def test_random_selection_has_fmps_per_layer_counts_and_is_seeded():
+    scores = synthetic_scores()
+    fmp = fmp_flags(scores, PruneAmount(prune_exponent=4, min_prune=1))
+    counts = {name: len(f) for name, f in fmp.items()}
+    assert counts == {'layer0': 1, 'layer1': 2, 'layer2': 4, 'layer3': 4}
+    widths = {name: len(s) for name, s in scores.items()}
+    first = random_channels(counts, widths, torch.Generator().manual_seed(3))
+    again = random_channels(counts, widths, torch.Generator().manual_seed(3))
+    other = random_channels(counts, widths, torch.Generator().manual_seed(4))
+    assert {name: len(f) for name, f in first.items()} == counts
+    for name, f in first.items():
+        assert len(set(f.tolist())) == len(f) and 0 <= int(f.min()) and int(f.max()) < widths[name]
+        assert torch.equal(f, again[name])
+    assert any(not torch.equal(first[n], other[n]) for n in first)
+
+
+def test_prune_ratio_rounding_and_min_prune_count_as_documented():
+    widths = (16, 32, 64)
+    for rounding, expected in (('floor', [1, 3, 6]), ('round', [2, 3, 6]), ('ceil', [2, 4, 7])):
+        assert [PruneAmount(prune_ratio=0.1, prune_round=rounding).per_layer(c) for c in widths] == expected
+    assert [PruneAmount(prune_exponent=6).per_layer(c) for c in widths] == [0, 0, 1]          # the release's 1/64
+    assert [PruneAmount(prune_exponent=6, min_prune=1).per_layer(c) for c in widths] == [1, 1, 1]
+    assert [PruneAmount(prune_ratio=1.0).per_layer(c) for c in widths] == [16, 32, 64]
+    assert PruneAmount(prune_ratio=0.01, min_prune=2).per_layer(16) == 2
+
+
+def test_global_scope_prunes_the_same_total_at_the_lowest_normalised_scores():
+    # layer a: one far outlier (z about -3.9); layer b: evenly spread (lowest z about -1.7)
+    scores = {'a': torch.tensor([0.9] * 15 + [0.1]), 'b': torch.linspace(0, 1, 32)}
+    amount = PruneAmount(prune_ratio=0.1, prune_scope='global')
+    flags = fmp_flags(scores, amount)
+    assert sum(len(f) for f in flags.values()) == amount.per_layer(16) + amount.per_layer(32) == 1 + 3
+    assert flags['a'].tolist() == [15] and flags['b'].tolist() == [0, 1, 2]
+    # two outliers in a: both go before b's spread tail, b gives up one
+    scores['a'][3] = 0.1
+    flags = fmp_flags(scores, amount)
+    assert flags['a'].tolist() == [3, 15] and flags['b'].tolist() == [0, 1]
+    # a layer of equal scores has nothing to offer
+    flags = fmp_flags({'a': torch.full((16,), 0.5), 'b': torch.linspace(0, 1, 32)}, amount)
+    assert flags['a'].tolist() == [] and len(flags['b']) == 4
+
+
+def test_argsort_tie_break_is_numpys():
+    import numpy as np
+    scores = torch.tensor([0.5, 0.25, 0.5, 0.25, 0.25, 0.75, 0.25] * 10)
+    expected = np.sort(np.argsort(scores.double().numpy())[:7])
+    assert lowest_channels(scores, 7, 'argsort').tolist() == expected.tolist()
+    assert lowest_channels(scores, 3, 'index').tolist() == [1, 3, 4]
+
+
+def test_collapse_score_is_low_when_predictions_pile_on_one_class():
+    preds = torch.tensor([[0, 0, 0, 0], [0, 1, 2, 3], [1, 1, 2, 2]])
+    assert score_predictions(preds, torch.tensor([0, 1, 2, 3]), 'collapse').tolist() == [0.0, 0.75, 0.5]
+    assert score_predictions(preds, torch.tensor([0, 1, 2, 3]), 'accuracy').tolist() == [0.25, 1.0, 0.5]
+
+
+class PlantedTrigger(nn.Module):
+    """conv -> BN -> conv: channel 5 of the first conv sums its 3x3 window (it fires on a white
+    patch), channel 2 subtracts it (the trigger suppresses it); the rest are small random filters."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 4, 3, padding=1)
+        with torch.no_grad():
+            self.conv.weight.uniform_(-0.05, 0.05)
+            self.conv.weight[5] = 1.0
+            self.conv.weight[2] = -1.0
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.conv2(torch.relu(self.bn(self.conv(x)))).mean((2, 3)))
+
+
+def test_oracle_picks_the_channel_planted_to_fire_on_the_trigger():
+    model = PlantedTrigger().eval()
+    layers = conv_layers(model, (3, 16, 16))
+    clean = torch.rand(32, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 0.3
+    poisoned = clean.clone()
+    poisoned[:, :, -4:, -4:] = 1.0
+    lift = trigger_lift(model, layers, clean, poisoned, CPU, batch=8)
+    assert set(lift) == {'conv', 'conv2'} and lift['conv'].shape == (8,)
+    assert int(lift['conv'].argmax()) == 5 and int(lift['conv'].argmin()) == 2
+    picked = highest_channels(lift, {'conv': 1, 'conv2': 0})
+    assert picked['conv'].tolist() == [5] and picked['conv2'].tolist() == []
+    assert 2 not in highest_channels(lift, {'conv': 7, 'conv2': 0})['conv'].tolist()   # suppressed, never excited
+
+
+def released_initialize(model, rank_list):
+    """The release's pruning step, written from its description: walk the modules in module
+    order; the k-th Conv2d met zeroes the output channels of rank_list[k - 1]; every BatchNorm2d
+    zeroes the weight (not the bias) of the channels of the conv met last (rank_list is in forward order)."""
+    start = 0
+    with torch.no_grad():
+        for _, module in model.named_modules():
+            if isinstance(module, nn.BatchNorm2d):
+                for channel in rank_list[start - 1]:
+                    module.weight[channel] = 0
+            elif isinstance(module, nn.Conv2d):
+                start += 1
+                for channel in rank_list[start - 1]:
+                    module.weight[channel] = 0
+
+
+def test_module_order_pairing_reproduces_the_release_on_preactresnet18():
+    torch.manual_seed(0)
+    released = build_model('preactresnet18', 10, (3, 32, 32))
+    for bn in (m for m in released.modules() if isinstance(m, nn.BatchNorm2d)):
+        nn.init.uniform_(bn.weight, 0.5, 1.5)
+        nn.init.uniform_(bn.bias, 0.1, 0.5)
+    ours = build_model('preactresnet18', 10, (3, 32, 32))
+    ours.load_state_dict(released.state_dict())
+    layers = conv_layers(ours, (3, 32, 32))
+    g = torch.Generator().manual_seed(1)
+    flagged = {layer.name: torch.sort(torch.randperm(layer.channels, generator=g)[:3]).values for layer in layers}
+    released_initialize(released, [flagged[layer.name].tolist() for layer in layers])
+    prune_channels(module_order_targets(ours, layers), flagged, zero_bn_bias=False)
+    mine, theirs = ours.state_dict(), released.state_dict()
+    assert all(torch.equal(mine[k], theirs[k]) for k in theirs), [k for k in theirs if not torch.equal(mine[k], theirs[k])]
+    # in a downsampling block the shortcut is ranked first: its flags land on conv1 (and bn2), conv2's on the
+    # shortcut, and a block's bn1 takes the previous block's conv2 flags; graph pairing gives neither
+    targets = {(t.name, names) for t in module_order_targets(ours, layers)
+               for names in [next(n for n, m in ours.named_modules() if m is t.conv) + '|' + str(t.bn_name)]}
+    assert ('layer2.0.shortcut.0', 'layer2.0.conv1|None') in targets
+    assert ('layer2.0.shortcut.0', 'layer2.0.conv1|layer2.0.bn2') in targets
+    assert ('layer2.0.conv2', 'layer2.0.shortcut.0|layer2.1.bn1') in targets
+    assert ('layer1.1.conv2', 'layer1.1.conv2|layer2.0.bn1') in targets
+    graph = {layer.name: layer.bn_name for layer in layers}
+    assert graph['layer2.0.shortcut.0'] is None and graph['layer2.0.conv1'] == 'layer2.0.bn2'
+
+
+def test_module_order_equals_graph_pairing_where_the_orders_agree():
+    """ResNet-20 runs its convs in module order and follows each by its BN: both pairings zero the same weights."""
+    model = build_model('resnet20', 10, (3, 32, 32))
+    layers = conv_layers(model, (3, 32, 32))
+    flagged = {layer.name: torch.tensor([0, 2]) for layer in layers}
+    a, b = build_model('resnet20', 10, (3, 32, 32)), build_model('resnet20', 10, (3, 32, 32))
+    b.load_state_dict(a.state_dict())
+    prune_channels(conv_layers(a, (3, 32, 32)), flagged)
+    prune_channels(module_order_targets(b, conv_layers(b, (3, 32, 32))), flagged)
+    assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+
+
+def test_random_and_oracle_selection_through_the_cli(badnet_record):
+    """rank_only runs: the random control keeps FMP's per-layer counts and follows its seed; the
+    oracle finds more trigger-excited maps than FMP on a BadNets record (it looks at the trigger)."""
+    def selection(*extra, folder):
+        result = run('./defense/feature.py', '--yaml_path', './config/defense/feature/cifar10.yaml', '--result_file',
+                     'badnet_small', '--dataset_path', CIFAR, '--rank_only', '--n_rank', 4, '--prune_exponent', 4,
+                     '--min_prune', 1, '--save_folder_name', folder, *extra, record_root=badnet_record)
+        assert result.returncode == 0, result.stderr[-2000:]
+        out = badnet_record / 'badnet_small' / 'defense' / folder
+        rows = (out / 'channel_scores.csv').read_text().splitlines()[1:]
+        table = [line.split(',') for line in rows]
+        pruned = {(r[0], int(r[1])) for r in table if r[5] == '1'}
+        fmp = {(r[0], int(r[1])) for r in table if r[4] == '1'}
+        return pruned, fmp, json.loads((out / 'summary.json').read_text())
+
+    chosen, fmp, summary = selection('--select', 'random', folder='random0')
+    again, _, _ = selection('--select', 'random', folder='random0b')
+    other, _, _ = selection('--select', 'random', '--selection_seed', 7, folder='random7')
+    per_layer = lambda pairs: sorted((layer, sum(1 for l, _ in pairs if l == layer)) for layer in {l for l, _ in pairs})  # noqa: E731
+    assert per_layer(chosen) == per_layer(fmp) and chosen == again and chosen != other and chosen != fmp
+    assert summary['select'] == 'random' and summary['overlap']['total'] == len(fmp)
+    oracle, _, summary = selection('--select', 'oracle_trigger', folder='oracle')
+    assert per_layer(oracle) == per_layer(fmp)
+    assert summary['overlap']['selected_with_oracle'] == len(oracle)

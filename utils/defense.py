@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from . import UserError
 from .config import (ToolkitParser, add_common_arguments, config_to_dict, fraction, parse_config, path_arg,
-                     resolve_device, seed_everything)
+                     resolve_device, seed_everything, str2bool)
 from .data import DATASETS, Split, class_balanced_subset, dataset_spec, load_splits
 from .evaluate import defense_effectiveness_rating, detection_metrics, evaluate
 from .poison import PoisonedSet, poisoned_training_split
@@ -106,8 +106,9 @@ class DefenseContext:
         defense's training options, evaluating every epoch into the defense folder; ``kwargs`` go to
         :func:`utils.train.train` (``phase``, ``after_step``, ``loss_fn``, ``optimizer``, ...)."""
         kwargs.setdefault('desc', f'{self.name} finetune')
+        evaluate_fn = self.evaluate if self.args.eval_each_epoch else None
         return train(self.model if model is None else model, self.clean_subset if data is None else data,
-                     TrainSettings.from_args(self.args), self.device, evaluate_fn=self.evaluate,
+                     TrainSettings.from_args(self.args), self.device, evaluate_fn=evaluate_fn,
                      workdir=self.folder, resume=self.args.resume, hflip=self.spec.hflip, log=self.log, **kwargs)
 
 
@@ -118,7 +119,7 @@ class Defense:
     default_ratio: float = 0.05
 
     def add_arguments(self, parser) -> None:
-        """Defense-specific options."""
+        """Defense-specific options (in argument groups of their own, e.g. ``parser.add_argument_group('ft defense')``)."""
 
     def check(self, args, model: nn.Module, clean_subset: Split) -> None:
         """Validate options against the record's model and the clean data (raise UserError);
@@ -144,8 +145,10 @@ class Defense:
                            help="record/<result_file>/defense/<save_folder_name>/ receives the result (default: the "
                                 "defense's name); give each run of a sweep its own")
         group.add_argument('--resume', action='store_true', help='continue interrupted fine-tuning from its checkpoint')
+        group.add_argument('--eval_each_epoch', type=str2bool, default=True,
+                           help='evaluate ACC/ASR/RA after every fine-tuning epoch (false: only the final model, for sweeps)')
         add_training_arguments(parser)
-        self.add_arguments(parser.add_argument_group(f'{self.name} defense'))
+        self.add_arguments(parser)
         return parser
 
     def run(self, script_file: str, argv: Sequence[str] | None = None, config: dict[str, Any] | None = None) -> dict:

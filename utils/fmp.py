@@ -19,10 +19,12 @@ do not interact and the two implementations compute the same gradients.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 from tqdm import tqdm
@@ -31,7 +33,7 @@ from .evaluate import eval_mode, predict
 from .hooks import output_of, outputs_of
 from .pruning import ConvLayer, conv_layers
 
-SELECT_MODES = ('fraction', 'kmeans')
+SELECT_MODES = ('fraction', 'kmeans', 'random', 'oracle_trigger')
 PRUNE_MODES = ('zero', 'mask')
 
 
@@ -42,10 +44,25 @@ def random_start(x: torch.Tensor, alpha: float, generator: torch.Generator) -> t
     return (x + alpha * noise.sign()).clamp(0, 1)
 
 
-def feature_loss(selected: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
-    """Sum over channels of MSE(F_lk(x_adv), F_lk(x)); ``selected``/``clean`` are (K, N, h, w).
-    Each replica's gradient is exactly the gradient of its own channel's MSE."""
+def feature_loss(selected: torch.Tensor, clean: torch.Tensor, objective: str = 'displace') -> torch.Tensor:
+    """The loss the FGSM step ascends, summed over channels; ``selected``/``clean`` are (K, N, h, w),
+    so each replica's gradient is exactly the gradient of its own channel's loss.
+    ``displace`` (FMP): MSE(F_lk(x_adv), F_lk(x)). ``excite`` (a variant of this toolkit): the mean
+    activation of F_lk(x_adv), i.e. push the map up rather than anywhere away from its clean value."""
+    if objective == 'excite':
+        return selected.mean(dim=(1, 2, 3)).sum()
     return (selected - clean).pow(2).mean(dim=(1, 2, 3)).sum()
+
+
+def score_predictions(preds: torch.Tensor, labels: torch.Tensor, score: str = 'accuracy') -> torch.Tensor:
+    """(K,) scores of K prediction batches (K, N); low means the feature map's attack hurt most.
+    ``accuracy`` (FMP): the fraction of predictions equal to ``labels``. ``collapse`` (a variant of
+    this toolkit): 1 - the largest fraction of predictions falling on one class (a backdoor map
+    pushed hard sends every input to the target)."""
+    if score == 'collapse':
+        counts = torch.nn.functional.one_hot(preds, int(preds.max()) + 1).sum(1)
+        return 1 - counts.max(1).values.float() / preds.shape[1]
+    return (preds == labels.view(1, -1)).float().mean(1)
 
 
 def fgsm_step(x_adv: torch.Tensor, x: torch.Tensor, grad_sign: torch.Tensor, eps: float, project: bool) -> torch.Tensor:
@@ -56,6 +73,10 @@ def fgsm_step(x_adv: torch.Tensor, x: torch.Tensor, grad_sign: torch.Tensor, eps
     return stepped.clamp(0, 1)
 
 
+OBJECTIVES = ('displace', 'excite')
+SCORES = ('accuracy', 'collapse')
+
+
 @dataclass
 class RankSettings:
     alpha: float = 0.02
@@ -63,6 +84,8 @@ class RankSettings:
     steps: int = 1
     channel_chunk: Optional[int] = None   # channels per batched backward; None: 1 on CPU, 32 on GPU
     score_batch: Optional[int] = None     # images per scoring forward; None: 128 on CPU (cache-sized), 4096 on GPU
+    objective: str = 'displace'           # FMP; 'excite' is this toolkit's variant (see feature_loss)
+    score: str = 'accuracy'               # FMP; 'collapse' is this toolkit's variant (see score_predictions)
 
 
 def _layer_adversarial_fast(model, layer: ConvLayer, x, x0, clean_feature, settings: RankSettings):
@@ -76,7 +99,7 @@ def _layer_adversarial_fast(model, layer: ConvLayer, x, x0, clean_feature, setti
         feature = output_of(model, layer.conv, start)
         out = torch.empty((channels,) + tuple(x.shape), device=x.device)
         for k in range(channels):
-            loss = feature_loss(feature[:, k].unsqueeze(0), clean_feature[:, k].unsqueeze(0))
+            loss = feature_loss(feature[:, k].unsqueeze(0), clean_feature[:, k].unsqueeze(0), settings.objective)
             grad, = torch.autograd.grad(loss, start, retain_graph=k + 1 < channels)
             out[k] = fgsm_step(x0, x, grad.sign(), settings.eps, project)
         return out
@@ -88,18 +111,18 @@ def _layer_adversarial_fast(model, layer: ConvLayer, x, x0, clean_feature, setti
         for _ in range(settings.steps):
             replicas = current.flatten(0, 1).detach().requires_grad_(True)
             feature = output_of(model, layer.conv, replicas).unflatten(0, (len(ks), len(x)))
-            loss = feature_loss(feature[torch.arange(len(ks), device=x.device), :, ks], target)
+            loss = feature_loss(feature[torch.arange(len(ks), device=x.device), :, ks], target, settings.objective)
             grad, = torch.autograd.grad(loss, replicas)
             current = fgsm_step(current, x, grad.unflatten(0, (len(ks), len(x))).sign(), settings.eps, project)
         out.append(current.detach())
     return torch.cat(out)
 
 
-def _scores(model, adversarial: torch.Tensor, labels: torch.Tensor, batch: int) -> torch.Tensor:
-    """Accuracy of ``model`` on each of the K adversarial batches (K, N, ...) against ``labels``."""
+def _scores(model, adversarial: torch.Tensor, labels: torch.Tensor, batch: int, score: str) -> torch.Tensor:
+    """Scores of ``model`` on each of the K adversarial batches (K, N, ...) (see :func:`score_predictions`)."""
     k, n = adversarial.shape[:2]
     preds = predict(model, adversarial.flatten(0, 1), adversarial.device, batch).view(k, n)
-    return (preds == labels.cpu()).float().mean(1)
+    return score_predictions(preds, labels.cpu(), score)
 
 
 def _ranked_layers(model: nn.Module, x: torch.Tensor, only: Optional[set[str]]) -> list[ConvLayer]:
@@ -120,7 +143,7 @@ def rank_feature_maps(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, s
         result = {}
         for layer, clean_feature in zip(tqdm(layers, desc='FMP rank', disable=None if progress else True), clean):
             adversarial = _layer_adversarial_fast(model, layer, x, x0, clean_feature, settings)
-            result[layer.name] = _scores(model, adversarial, labels, batch)
+            result[layer.name] = _scores(model, adversarial, labels, batch, settings.score)
     return result
 
 
@@ -141,12 +164,12 @@ def rank_reference(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, sett
                     clean = outputs_of(model, [layer.conv for layer in layers], x)[index].detach()
                     start = current.detach().requires_grad_(True)
                     adv = outputs_of(model, [layer.conv for layer in layers], start)[index]
-                    loss = feature_loss(adv[:, k].unsqueeze(0), clean[:, k].unsqueeze(0))
+                    loss = feature_loss(adv[:, k].unsqueeze(0), clean[:, k].unsqueeze(0), settings.objective)
                     grad, = torch.autograd.grad(loss, start)
                     current = fgsm_step(current, x, grad.sign(), settings.eps, project)
                 with torch.inference_mode():
                     preds = model(current).argmax(1)
-                scores[k] = (preds == labels).float().mean().cpu()
+                scores[k] = score_predictions(preds.view(1, -1).cpu(), labels.cpu(), settings.score)[0]
             result[layer.name] = scores
     return result
 
@@ -171,15 +194,111 @@ def two_means_minor(scores: torch.Tensor) -> torch.Tensor:
     return torch.sort(minor).values
 
 
+def lowest_channels(scores: torch.Tensor, count: int, tie_break: str = 'index') -> torch.Tensor:
+    """Sorted indices of the ``count`` lowest scores. Ties: by channel index (``index``), or in
+    whatever order NumPy's default ``np.argsort`` (quicksort) leaves them, as the release does
+    (``argsort``)."""
+    if tie_break == 'argsort':
+        picked = torch.from_numpy(np.argsort(scores.double().numpy())[:count].copy())
+    else:
+        picked = torch.sort(scores, stable=True).indices[:count]
+    return torch.sort(picked.to(torch.int64)).values
+
+
 def flag_channels(scores: torch.Tensor, select: str = 'fraction', prune_exponent: int = 6,
                   min_prune: int = 0) -> torch.Tensor:
     """Channels to prune in one layer. ``fraction``: the floor(C / 2**prune_exponent) lowest
     scores (at least ``min_prune``; ties broken by channel index). ``kmeans``: :func:`two_means_minor`."""
     if select == 'kmeans':
         return two_means_minor(scores)
-    count = min(len(scores), max(len(scores) // 2 ** prune_exponent, min_prune))
-    lowest = torch.sort(scores, stable=True).indices[:count]
-    return torch.sort(lowest).values
+    return lowest_channels(scores, PruneAmount(prune_exponent, min_prune=min_prune).per_layer(len(scores)))
+
+
+ROUNDINGS = {'floor': math.floor, 'round': lambda v: math.floor(v + 0.5), 'ceil': math.ceil}
+SCOPES = ('layer', 'global')
+TIE_BREAKS = ('index', 'argsort')
+
+
+@dataclass
+class PruneAmount:
+    """How many feature maps to prune. Per layer of C channels: ``floor(C / 2**prune_exponent)``
+    (the release's rule), or with ``prune_ratio`` set, ``prune_ratio * C`` rounded by
+    ``prune_round``; at least ``min_prune`` and at most C. ``prune_scope: global`` prunes the same
+    total, taken as the lowest scores across all layers after normalising each layer's scores to
+    zero mean and unit variance."""
+    prune_exponent: int = 6
+    prune_ratio: Optional[float] = None
+    prune_round: str = 'floor'
+    min_prune: int = 0
+    prune_scope: str = 'layer'
+
+    def per_layer(self, channels: int) -> int:
+        if self.prune_ratio is None:
+            count = channels // 2 ** self.prune_exponent
+        else:
+            count = ROUNDINGS[self.prune_round](self.prune_ratio * channels)
+        return min(channels, max(int(count), self.min_prune))
+
+    def describe(self) -> str:
+        rule = (f'1/{2 ** self.prune_exponent} per layer (floor)' if self.prune_ratio is None
+                else f'{self.prune_ratio:g} per layer ({self.prune_round})')
+        if self.min_prune:
+            rule += f', at least {self.min_prune}'
+        return rule + (', chosen across layers on per-layer normalised scores' if self.prune_scope == 'global' else '')
+
+
+def fmp_flags(scores: dict[str, torch.Tensor], amount: PruneAmount, select: str = 'fraction',
+              tie_break: str = 'index') -> dict[str, torch.Tensor]:
+    """FMP's choice: per layer the lowest scores (``fraction``, amount by ``amount``), or the
+    smaller 2-means cluster (``kmeans``); with ``prune_scope: global`` the lowest normalised
+    scores across layers, as many as the per-layer rule would prune in all."""
+    if select == 'kmeans':
+        return {name: two_means_minor(s) for name, s in scores.items()}
+    if amount.prune_scope == 'layer':
+        return {name: lowest_channels(s, amount.per_layer(len(s)), tie_break) for name, s in scores.items()}
+    names = list(scores)
+    normalised = []
+    for s in scores.values():
+        s = s.double()
+        spread = s.std(unbiased=False) if len(s) > 1 else torch.tensor(0.0, dtype=torch.float64)
+        normalised.append((s - s.mean()) / spread if spread > 0 else torch.zeros_like(s))
+    owner = torch.cat([torch.full((len(s),), i) for i, s in enumerate(scores.values())])
+    channel = torch.cat([torch.arange(len(s)) for s in scores.values()])
+    total = sum(amount.per_layer(len(s)) for s in scores.values())
+    picked = lowest_channels(torch.cat(normalised), total, tie_break)
+    return {name: torch.sort(channel[picked][owner[picked] == i]).values for i, name in enumerate(names)}
+
+
+def random_channels(counts: dict[str, int], channels: dict[str, int], generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """The random-selection control: in every layer, ``counts[layer]`` channels drawn uniformly
+    without replacement (seeded by ``generator``)."""
+    return {name: torch.sort(torch.randperm(channels[name], generator=generator)[:count]).values
+            for name, count in counts.items()}
+
+
+def highest_channels(values: dict[str, torch.Tensor], counts: dict[str, int]) -> dict[str, torch.Tensor]:
+    """In every layer the ``counts[layer]`` channels of highest value (ties by channel index)."""
+    return {name: torch.sort(torch.sort(-values[name], stable=True).indices[:count]).values
+            for name, count in counts.items()}
+
+
+@torch.no_grad()
+def trigger_lift(model: nn.Module, layers: list[ConvLayer], clean: torch.Tensor, poisoned: torch.Tensor,
+                 device: torch.device, batch: int = 128) -> dict[str, torch.Tensor]:
+    """Per channel of every layer: its mean activation on ``poisoned`` images minus on their
+    ``clean`` versions (float in [0, 1], (N, C, H, W), same order), read where the channel leaves
+    its conv/BN pair (the paired BatchNorm's output, else the conv's). It looks at the trigger, so
+    it serves analysis and the ``oracle_trigger`` ceiling, never a defense."""
+    modules = [layer.bn if layer.bn is not None else layer.conv for layer in layers]
+    sums = {'clean': [0.0] * len(layers), 'poisoned': [0.0] * len(layers)}
+    with eval_mode(model):
+        for key, images in (('clean', clean), ('poisoned', poisoned)):
+            for start in range(0, len(images), batch):
+                chunk = images[start:start + batch].to(device)
+                for i, out in enumerate(outputs_of(model, modules, chunk)):
+                    sums[key][i] = sums[key][i] + out.double().mean(dim=(2, 3)).sum(0).cpu()
+    return {layer.name: ((sums['poisoned'][i] - sums['clean'][i]) / len(clean)).float()
+            for i, layer in enumerate(layers)}
 
 
 def timed(fn, *args, **kwargs):

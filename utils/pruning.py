@@ -65,21 +65,53 @@ def check_prunable(model: nn.Module, input_shape: tuple[int, ...], model_name: s
     return layers
 
 
+PAIRINGS = ('graph', 'module_order')
+
+
+def module_order_targets(model: nn.Module, layers: list[ConvLayer]) -> list[ConvLayer]:
+    """Where the FMP release applies the flags of ``layers`` (forward order): the k-th flag list
+    goes to the k-th ``nn.Conv2d`` in *module* order, and every BatchNorm gets the flags of the
+    conv that precedes it in module order (one before any conv gets the last list, as Python's
+    index -1 does). Where module and forward order differ (PreAct-ResNet18's downsampling blocks
+    rank the shortcut first) flags land on other convs, and a block's ``bn1`` gets the previous
+    block's ``conv2`` (or shortcut) flags. Kept to measure the release's choice, not as a default.
+    Returned as ConvLayer entries named after the forward layer whose flags they take."""
+    names = [layer.name for layer in layers]
+    modules = list(model.named_modules())
+    convs = [module for _, module in modules if isinstance(module, nn.Conv2d)][:len(names)]
+    targets = [ConvLayer(name, conv) for name, conv in zip(names, convs)]
+    seen = 0   # convs met so far in module order
+    for module_name, module in modules:
+        if isinstance(module, nn.Conv2d):
+            seen += 1
+        elif isinstance(module, nn.BatchNorm2d) and names and seen <= len(names):
+            k = seen - 1   # -1 before any conv, as the release's rank_list[start_idx - 1]
+            targets.append(ConvLayer(names[k], convs[k], module_name, module))
+    return targets
+
+
 @torch.no_grad()
-def prune_channels(layers: list[ConvLayer], flagged: dict[str, torch.Tensor]) -> None:
-    """Zero each flagged channel's conv weights (and bias) and its paired BatchNorm's weight and bias."""
+def prune_channels(layers: list[ConvLayer], flagged: dict[str, torch.Tensor], zero_bn_bias: bool = True) -> None:
+    """Zero each flagged channel's conv weights (and bias) and its paired BatchNorm's weight and,
+    with ``zero_bn_bias`` (this toolkit's default; the release keeps it), bias. Channel indices
+    beyond a module's size are skipped (module-order pairing may pair layers of other widths)."""
     for layer in layers:
         channels = flagged.get(layer.name)
         if channels is None or len(channels) == 0:
             continue
-        layer.conv.weight[channels] = 0
+        channels = torch.as_tensor(channels, dtype=torch.int64)
+        own = channels[channels < layer.conv.out_channels]
+        layer.conv.weight[own] = 0
         if layer.conv.bias is not None:
-            layer.conv.bias[channels] = 0
+            layer.conv.bias[own] = 0
         if layer.bn is not None and layer.bn.affine:
-            layer.bn.weight[channels] = 0
-            layer.bn.bias[channels] = 0
+            bn_channels = channels[channels < layer.bn.num_features]
+            layer.bn.weight[bn_channels] = 0
+            if zero_bn_bias:
+                layer.bn.bias[bn_channels] = 0
 
 
-def keep_pruned(layers: list[ConvLayer], flagged: dict[str, torch.Tensor]) -> Callable[[nn.Module], None]:
+def keep_pruned(layers: list[ConvLayer], flagged: dict[str, torch.Tensor],
+                zero_bn_bias: bool = True) -> Callable[[nn.Module], None]:
     """``after_step`` callback of the training loop: pruned channels stay zero through fine-tuning."""
-    return lambda model: prune_channels(layers, flagged)
+    return lambda model: prune_channels(layers, flagged, zero_bn_bias)
