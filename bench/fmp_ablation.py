@@ -1,0 +1,369 @@
+"""FMP ablation: does FMP's ranking find backdoor feature maps, or would any pruning of that size do?
+
+For every attack record given, on the same ranking and the same clean data:
+
+1. pruning alone (cheap, the whole grid): select {FMP's lowest scores, random maps at FMP's
+   per-layer counts (3 seeds), the maps the trigger excites most (``oracle_trigger``, a ceiling
+   that looks at the trigger)} x amount {1/64 with at least 1 per layer, 1/16, 1/8} x pairing
+   {graph, module order}; plus the release's other choices (BN bias kept, ranking on augmented
+   images, argsort ties) one at a time and together, on FMP's selection. ``prune_mode`` (zero vs
+   mask) only matters during fine-tuning, so it is not a pruning-alone axis;
+2. after fine-tuning (costly): select {FMP, random, oracle_trigger} x amount {1/64 min 1, 1/16}
+   at the default mode and pairing, through ``defense/feature.py`` itself (evaluated after the last
+   epoch only), beside plain fine-tuning (FT) on the same clean subset.
+
+3. ranking variants that need no trigger knowledge (``--stage variants``): other step sizes and
+   counts, more ranking images, exciting rather than displacing a map, scoring by how predictions
+   collapse onto one class, scoring against the model's own predictions; each is ranked, pruned
+   at 1/16 and 1/8 and compared, pruning alone, with the random rows of the same amount;
+4. analysis (``--stage analysis``): where the trigger-excited maps sit in FMP's ranking, how FMP's
+   scores relate to the trigger lift, and what each flagged map costs clean accuracy alone.
+
+Rows go to ``<out>/results.csv`` (a rerun skips rows already there, so a killed run resumes);
+``<out>/results.md`` holds the tables and ``<out>/asr_vs_maps.png`` the plot (ASR after fine-tuning
+against maps pruned, one line per selection rule, one panel per record). Not a test: it takes hours
+on a CPU.
+
+    python bench/fmp_ablation.py --records badnet_cifar10 blended_cifar10 sig_cifar10 wanet_cifar10
+"""
+import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # noqa: E702
+
+import argparse
+import csv
+import time
+
+import torch
+
+from utils import REPO_ROOT
+from utils.config import resolve_device, run_main
+from utils.data import load_splits
+from utils.defense import run_defense
+from utils.evaluate import evaluate
+from utils.fmp import PruneAmount, fmp_flags, highest_channels, random_channels
+from utils.poison import PoisonedSet
+from utils.pruning import conv_layers, module_order_targets, prune_channels
+from utils.record import load_attack_record, load_record_model, record_folder, save_text
+
+AMOUNTS = {'1/64 min 1': PruneAmount(prune_exponent=6, min_prune=1), '1/16': PruneAmount(prune_exponent=4),
+           '1/8': PruneAmount(prune_exponent=3)}
+FINETUNE_AMOUNTS = ('1/64 min 1', '1/16')
+RANDOM_SEEDS = (0, 1, 2)
+FIELDS = ('record', 'attack', 'train_seed', 'stage', 'select', 'selection_seed', 'amount', 'pairing', 'variant',
+          'maps', 'with_oracle', 'acc', 'asr', 'ra', 'seconds')
+FEATURE_YAML = REPO_ROOT / 'config' / 'defense' / 'feature' / 'cifar10.yaml'
+FT_YAML = REPO_ROOT / 'config' / 'defense' / 'ft' / 'cifar10.yaml'
+
+
+def shared(a, b):
+    return sum(len(set(a[n].tolist()) & set(b[n].tolist())) for n in a)
+
+
+class Results:
+    """results.csv, appended row by row; rows already there are skipped on a rerun."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.rows = list(csv.DictReader(open(path))) if path.exists() else []
+
+    @staticmethod
+    def key(row):
+        return tuple(str(row[k]) for k in FIELDS[:9])
+
+    def has(self, **row):
+        return any(self.key(r) == self.key({k: row.get(k, '') for k in FIELDS}) for r in self.rows)
+
+    def add(self, **row):
+        row = {k: row.get(k, '') for k in FIELDS}
+        for k in ('acc', 'asr', 'ra'):
+            row[k] = f'{100 * float(row[k]):.2f}'
+        self.rows.append(row)
+        lines = [','.join(FIELDS)] + [','.join(str(r[k]) for k in FIELDS) for r in self.rows]
+        save_text('\n'.join(lines) + '\n', self.path)
+        print(' '.join(f'{k}={row[k]}' for k in FIELDS), flush=True)
+
+
+def ranking(record_name, args, **options):
+    """FMP's ranking and trigger lift for a record, exactly as the defense computes them."""
+    config = {'yaml_path': str(FEATURE_YAML), 'result_file': record_name, 'record_root': args.record_root,
+              'device': args.device, 'rank_only': True, 'save_folder_name': 'ablation_rank'} | options
+    return run_defense('feature', config)
+
+
+def pruning_alone(record_name, args, results):
+    record = load_attack_record(record_folder(args.record_root, record_name))
+    config = record['attack_config']
+    device = resolve_device(args.device)
+    _, test = load_splits(record['dataset'], config['dataset_path'], config.get('train_fraction', 1.0),
+                          config.get('test_fraction', 1.0), config['random_seed'])
+    bd_test = PoisonedSet.from_record(record['bd_test'])
+    base = dict(record=record_name, attack=record['attack'], train_seed=config['random_seed'], stage='prune')
+    ranked = ranking(record_name, args)
+    scores, lift = ranked['channel_scores'], ranked['trigger_lift']
+    augmented = ranking(record_name, args, rank_augment=True)['channel_scores']
+    widths = {name: len(s) for name, s in scores.items()}
+
+    def measure(flags, oracle, pairing='graph', zero_bn_bias=True, **row):
+        row = base | {'pairing': pairing} | row
+        if results.has(**row):
+            return
+        started = time.time()
+        model = load_record_model(record).to(device)
+        layers = conv_layers(model, tuple(record['input_shape']))
+        prune_channels(layers if pairing == 'graph' else module_order_targets(model, layers), flags, zero_bn_bias)
+        metrics = evaluate(model, test, bd_test, device)
+        results.add(**row, maps=sum(len(f) for f in flags.values()), with_oracle=shared(flags, oracle),
+                    **metrics, seconds=round(time.time() - started, 1))
+
+    for label, amount in AMOUNTS.items():
+        fmp = fmp_flags(scores, amount)
+        counts = {name: len(f) for name, f in fmp.items()}
+        oracle = highest_channels(lift, counts)
+        selections = [('fmp', '', fmp), ('oracle_trigger', '', oracle)]
+        selections += [('random', seed, random_channels(counts, widths, torch.Generator().manual_seed(seed)))
+                       for seed in RANDOM_SEEDS]
+        for pairing in ('graph', 'module_order'):
+            for select, seed, flags in selections:
+                measure(flags, oracle, pairing, select=select, selection_seed=seed, amount=label, variant='')
+        # the release's other choices, on FMP's selection: each alone, then all four together
+        measure(fmp, oracle, zero_bn_bias=False, select='fmp', amount=label, variant='bn_bias keep')
+        measure(fmp_flags(scores, amount, tie_break='argsort'), oracle, select='fmp', amount=label, variant='tie_break argsort')
+        measure(fmp_flags(augmented, amount), oracle, select='fmp', amount=label, variant='rank_augment')
+        measure(fmp_flags(augmented, amount, tie_break='argsort'), oracle, 'module_order', zero_bn_bias=False,
+                select='fmp', amount=label, variant='released (all four)')
+
+
+# variants of the ranking that need no trigger knowledge: name -> options of defense/feature.py
+VARIANTS = {'eps 0.01': {'eps': 0.01}, 'steps 5': {'steps': 5}, 'n_rank 128': {'n_rank': 128},
+            'excite': {'rank_objective': 'excite'}, 'collapse': {'rank_score': 'collapse'},
+            'predicted labels': {'rank_labels': 'predicted'},
+            'excite + collapse': {'rank_objective': 'excite', 'rank_score': 'collapse'}}
+VARIANT_AMOUNTS = ('1/16', '1/8')
+
+
+def record_setup(record_name, args):
+    record = load_attack_record(record_folder(args.record_root, record_name))
+    config = record['attack_config']
+    _, test = load_splits(record['dataset'], config['dataset_path'], config.get('train_fraction', 1.0),
+                          config.get('test_fraction', 1.0), config['random_seed'])
+    return record, test, PoisonedSet.from_record(record['bd_test'])
+
+
+def prune_and_evaluate(record, flags, test, bd_test, device, pairing='graph', zero_bn_bias=True):
+    model = load_record_model(record).to(device)
+    layers = conv_layers(model, tuple(record['input_shape']))
+    prune_channels(layers if pairing == 'graph' else module_order_targets(model, layers), flags, zero_bn_bias)
+    return evaluate(model, test, bd_test, device)
+
+
+def variants(record_name, args, results):
+    record, test, bd_test = record_setup(record_name, args)
+    device = resolve_device(args.device)
+    base = dict(record=record_name, attack=record['attack'], train_seed=record['attack_config']['random_seed'],
+                stage='prune', select='fmp', pairing='graph')
+    lift = None
+    for name, options in VARIANTS.items():
+        if all(results.has(**base, amount=label, variant=name) for label in VARIANT_AMOUNTS):
+            continue
+        ranked = ranking(record_name, args, **options)
+        scores, lift = ranked['channel_scores'], ranked['trigger_lift']
+        for label in VARIANT_AMOUNTS:
+            if results.has(**base, amount=label, variant=name):
+                continue
+            started = time.time()
+            flags = fmp_flags(scores, AMOUNTS[label])
+            oracle = highest_channels(lift, {n: len(f) for n, f in flags.items()})
+            metrics = prune_and_evaluate(record, flags, test, bd_test, device)
+            results.add(**base, amount=label, variant=name, maps=sum(len(f) for f in flags.values()),
+                        with_oracle=shared(flags, oracle), **metrics, seconds=round(time.time() - started, 1))
+
+
+def spearman(a, b):
+    rank = lambda v: torch.argsort(torch.argsort(v.double())).double()  # noqa: E731
+    ra, rb = rank(a), rank(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denominator = (ra.norm() * rb.norm()).item()
+    return float((ra * rb).sum() / denominator) if denominator else float('nan')
+
+
+def analysis(record_name, args, out: Path):
+    """Why FMP's ranking does or does not find the backdoor maps, in numbers (appended to analysis.csv)."""
+    record, test, bd_test = record_setup(record_name, args)
+    device = resolve_device(args.device)
+    ranked = ranking(record_name, args)
+    scores, lift = ranked['channel_scores'], ranked['trigger_lift']
+    counts = {n: len(f) for n, f in fmp_flags(scores, AMOUNTS['1/64 min 1']).items()}
+    fmp = fmp_flags(scores, AMOUNTS['1/64 min 1'])
+    oracle = highest_channels(lift, counts)
+    rows = []
+    # where the most trigger-excited map of each layer sits in FMP's ranking (0: FMP's first choice, 1: its last)
+    for name, s in scores.items():
+        order = torch.sort(s, stable=True).indices
+        position = {int(c): i / max(1, len(s) - 1) for i, c in enumerate(order)}
+        top = int(torch.argmax(lift[name]))
+        rows.append({'record': record_name, 'layer': name, 'channels': len(s),
+                     'score_min': f'{float(s.min()):.3f}', 'score_median': f'{float(s.median()):.3f}',
+                     'score_max': f'{float(s.max()):.3f}', 'distinct_scores': len(torch.unique(s)),
+                     'spearman_score_lift': f'{spearman(s, lift[name]):.3f}',
+                     'top_lift_channel': top, 'top_lift': f'{float(lift[name][top]):.3f}',
+                     'top_lift_rank_in_fmp': f'{position[top]:.2f}',
+                     'fmp_flagged': ' '.join(map(str, fmp[name].tolist())),
+                     'fmp_flagged_lift': ' '.join(f'{float(lift[name][c]):.3f}' for c in fmp[name])})
+    # clean cost of each flagged map alone: ACC drop on 2,000 clean test images when only that map is pruned
+    small = test.subset(torch.arange(0, len(test), max(1, len(test) // 2000)))
+    base_acc = evaluate(load_record_model(record).to(device), small, None, device)['acc']
+    costs = {}
+    for label, flags in (('fmp', fmp), ('oracle_trigger', oracle)):
+        drops = []
+        for name, channels in flags.items():
+            for c in channels.tolist():
+                acc = prune_and_evaluate(record, {name: torch.tensor([c])}, small, None, device)['acc']
+                drops.append(base_acc - acc)
+        costs[label] = drops
+    summary = {'record': record_name, 'layer': 'ALL', 'channels': sum(len(s) for s in scores.values()),
+               'fmp_single_map_acc_drop_mean': f'{100 * sum(costs["fmp"]) / len(costs["fmp"]):.2f}',
+               'oracle_single_map_acc_drop_mean': f'{100 * sum(costs["oracle_trigger"]) / len(costs["oracle_trigger"]):.2f}',
+               'spearman_score_lift': f'{spearman(torch.cat(list(scores.values())), torch.cat(list(lift.values()))):.3f}'}
+    rows.append(summary)
+    path = out / 'analysis.csv'
+    previous = [r for r in (list(csv.DictReader(open(path))) if path.exists() else []) if r['record'] != record_name]
+    fields = list(dict.fromkeys(k for r in previous + rows for k in r))
+    with open(path, 'w', newline='') as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(previous + rows)
+    print(summary, flush=True)
+
+
+def after_finetuning(record_name, args, results):
+    record = load_attack_record(record_folder(args.record_root, record_name))
+    config = record['attack_config']
+    base = dict(record=record_name, attack=record['attack'], train_seed=config['random_seed'], stage='finetune',
+                pairing='graph', variant='')
+    common = {'result_file': record_name, 'record_root': args.record_root, 'device': args.device,
+              'eval_each_epoch': False}
+    runs = [('ft', '', '', {'yaml_path': str(FT_YAML), 'ratio': 0.1})]
+    for label in FINETUNE_AMOUNTS:
+        amount = AMOUNTS[label]
+        options = {'yaml_path': str(FEATURE_YAML), 'prune_exponent': amount.prune_exponent, 'min_prune': amount.min_prune}
+        runs += [('fmp', '', label, options | {'select': 'fraction'}),
+                 ('random', 0, label, options | {'select': 'random', 'selection_seed': 0}),
+                 ('oracle_trigger', '', label, options | {'select': 'oracle_trigger'})]
+    for select, seed, label, options in runs:
+        row = base | dict(select=select, selection_seed=seed, amount=label)
+        if results.has(**row):
+            continue
+        folder = f"ablation_{select}{seed}_{label.replace('/', '_').replace(' ', '_')}" if label else 'ablation_ft'
+        started = time.time()
+        defense = 'ft' if select == 'ft' else 'feature'
+        result = run_defense(defense, common | options | {'save_folder_name': folder})
+        overlap = result.get('overlap', {})
+        results.add(**row, maps=overlap.get('total', 0), with_oracle=overlap.get('selected_with_oracle', ''),
+                    **{k: result['metrics'][k] for k in ('acc', 'asr', 'ra')}, seconds=round(time.time() - started, 1))
+
+
+def mean_std(values):
+    values = [float(v) for v in values]
+    mean = sum(values) / len(values)
+    spread = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return f'{mean:.1f} ± {spread:.1f}' if len(values) > 1 else f'{mean:.1f}'
+
+
+def report(results, out: Path):
+    """results.md: per record, pruning alone and after fine-tuning, ACC / ASR (random: mean ± std over seeds)."""
+    rows = results.rows
+    lines = ['# FMP ablation', '', 'ACC / ASR in percent on the full CIFAR-10 test sets; random: mean ± std over '
+             'selection seeds; "with oracle": how many of the pruned maps are among the maps the trigger excites most.', '']
+    for record in dict.fromkeys(r['record'] for r in rows):
+        mine = [r for r in rows if r['record'] == record]
+        lines += [f'## {record} ({mine[0]["attack"]}, training seed {mine[0]["train_seed"]})', '',
+                  '| stage | amount | maps | FMP | random (same per-layer counts) | oracle_trigger | FMP with oracle |',
+                  '|---|---|---|---|---|---|---|']
+        for stage in ('prune', 'finetune'):
+            for amount in dict.fromkeys(r['amount'] for r in mine if r['stage'] == stage and r['amount']):
+                cell = {}
+                for select in ('fmp', 'random', 'oracle_trigger'):
+                    group = [r for r in mine if (r['stage'], r['amount'], r['select'], r['pairing'], r['variant']) ==
+                             (stage, amount, select, 'graph', '')]
+                    cell[select] = (f"{mean_std(r['acc'] for r in group)} / {mean_std(r['asr'] for r in group)}"
+                                    if group else '')
+                fmp = next((r for r in mine if (r['stage'], r['amount'], r['select'], r['pairing'], r['variant']) ==
+                            (stage, amount, 'fmp', 'graph', '')), None)
+                lines.append(f"| {'pruning alone' if stage == 'prune' else 'fine-tuned'} | {amount} | "
+                             f"{fmp['maps'] if fmp else ''} | {cell['fmp']} | {cell['random']} | {cell['oracle_trigger']} | "
+                             f"{fmp['with_oracle'] if fmp else ''} |")
+        ft = [r for r in mine if r['select'] == 'ft']
+        if ft:
+            lines.append(f"| fine-tuned | FT alone | 0 | {ft[0]['acc']} / {ft[0]['asr']} | | | |")
+        variants = [r for r in mine if r['stage'] == 'prune' and (r['variant'] or r['pairing'] == 'module_order')
+                    and r['select'] == 'fmp']
+        if variants:
+            lines += ['', 'The release\'s choices on FMP\'s selection, pruning alone (ACC / ASR):', '',
+                      '| amount | choice | ACC / ASR | toolkit default ACC / ASR |', '|---|---|---|---|']
+            for r in variants:
+                default = next(d for d in mine if (d['stage'], d['amount'], d['select'], d['pairing'], d['variant']) ==
+                               ('prune', r['amount'], 'fmp', 'graph', ''))
+                choice = r['variant'] or 'pairing module_order'
+                lines.append(f"| {r['amount']} | {choice} | {r['acc']} / {r['asr']} | {default['acc']} / {default['asr']} |")
+        lines.append('')
+    save_text('\n'.join(lines), out / 'results.md')
+
+
+def plot(results, out: Path):
+    """ASR after fine-tuning against maps pruned, one line per selection rule, one panel per record."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    rows = [r for r in results.rows if r['stage'] == 'finetune']
+    records = list(dict.fromkeys(r['record'] for r in rows))
+    if not records:
+        return
+    fig, axes = plt.subplots(1, len(records), figsize=(4 * len(records), 3.6), squeeze=False, sharey=True)
+    styles = {'fmp': ('FMP', 'tab:blue', 'o'), 'random': ('random (same counts)', 'tab:gray', 's'),
+              'oracle_trigger': ('oracle_trigger (ceiling)', 'tab:green', '^')}
+    for ax, record in zip(axes[0], records):
+        mine = [r for r in rows if r['record'] == record]
+        ft = next((float(r['asr']) for r in mine if r['select'] == 'ft'), None)
+        for select, (label, color, marker) in styles.items():
+            points = sorted((int(r['maps']), float(r['asr'])) for r in mine if r['select'] == select)
+            if ft is not None:
+                points = [(0, ft)] + points
+            if points:
+                ax.plot(*zip(*points), marker=marker, color=color, label=label)
+        ax.set_title(f"{record} ({mine[0]['attack']})", fontsize=10)
+        ax.set_xlabel('feature maps pruned (0: FT alone)')
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel('ASR after fine-tuning (%)')
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / 'asr_vs_maps.png', dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--records', nargs='+', required=True, help='attack records (record/<name>/) to ablate')
+    parser.add_argument('--record_root', default=str(REPO_ROOT / 'record'))
+    parser.add_argument('--out', default=str(REPO_ROOT / 'record' / 'ablation'), help='folder of results.csv/.md/.png')
+    parser.add_argument('--stage', default='all', choices=('prune', 'finetune', 'variants', 'analysis', 'all', 'report'),
+                        help='all: prune and finetune (variants and analysis run on request)')
+    parser.add_argument('--device', default='auto')
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = Results(out / 'results.csv')
+    for name in args.records:
+        if args.stage in ('prune', 'all'):
+            pruning_alone(name, args, results)
+        if args.stage in ('finetune', 'all'):
+            after_finetuning(name, args, results)
+        if args.stage == 'variants':
+            variants(name, args, results)
+        if args.stage == 'analysis':
+            analysis(name, args, out)
+    report(results, out)
+    plot(results, out)
+    print(f'wrote {out / "results.csv"}, {out / "results.md"}, {out / "asr_vs_maps.png"}')
+
+
+if __name__ == '__main__':
+    sys.exit(run_main(main))
