@@ -39,9 +39,9 @@ from utils.config import resolve_device, run_main
 from utils.data import load_splits
 from utils.defense import run_defense
 from utils.evaluate import evaluate
-from utils.fmp import PruneAmount, fmp_flags, highest_channels, random_channels
+from utils.fmp import PruneAmount, fmp_flags, random_channels
 from utils.poison import PoisonedSet
-from utils.pruning import conv_layers, module_order_targets, prune_channels
+from utils.pruning import conv_layers, highest_channels, module_order_targets, prune_channels
 from utils.record import load_attack_record, load_record_model, record_folder, save_text
 
 AMOUNTS = {'1/64 min 1': PruneAmount(prune_exponent=6, min_prune=1), '1/16': PruneAmount(prune_exponent=4),
@@ -257,7 +257,7 @@ def after_finetuning(record_name, args, results):
         defense = 'ft' if select == 'ft' else 'feature'
         result = run_defense(defense, common | options | {'save_folder_name': folder})
         overlap = result.get('overlap', {})
-        results.add(**row, maps=overlap.get('total', 0), with_oracle=overlap.get('selected_with_oracle', ''),
+        results.add(**row, maps=overlap.get('total', 0), with_oracle=overlap.get('with_oracle', ''),
                     **{k: result['metrics'][k] for k in ('acc', 'asr', 'ra')}, seconds=round(time.time() - started, 1))
 
 

@@ -15,13 +15,12 @@ import torch
 from utils import UserError
 from utils.config import fraction, nonnegative_float, nonnegative_int, positive_int, run_main, str2bool
 from utils.data import augment, to_float
-from utils.defense import Defense, DefenseResult, register_defense
+from utils.defense import PruningDefense, Selection, register_defense
 from utils.evaluate import predict
 from utils.fmp import (OBJECTIVES, PRUNE_MODES, ROUNDINGS, SCOPES, SCORES, SELECT_MODES, TIE_BREAKS, PruneAmount,
-                       RankSettings, fmp_flags, highest_channels, random_channels, rank_feature_maps, rank_reference,
-                       timed, trigger_lift)
-from utils.pruning import PAIRINGS, check_prunable, keep_pruned, module_order_targets, prune_channels
-from utils.record import save_csv, save_json
+                       RankSettings, fmp_flags, random_channels, rank_feature_maps, rank_reference, timed)
+from utils.pruning import PAIRINGS, check_prunable, highest_channels, module_order_targets
+from utils.record import save_json
 
 
 def shared(a: dict, b: dict) -> int:
@@ -30,7 +29,7 @@ def shared(a: dict, b: dict) -> int:
 
 
 @register_defense
-class FeatureMapPruning(Defense):
+class FeatureMapPruning(PruningDefense):
     """FMP (Huang & Bu, ICLR 2024): adversarial feature-map ranking, per-layer pruning, clean fine-tuning."""
     name = 'feature'
     default_ratio = 0.1
@@ -48,8 +47,6 @@ class FeatureMapPruning(Defense):
                                  'those the record\'s poisoned test inputs excite most (it looks at the trigger)')
         parser.add_argument('--selection_seed', type=nonnegative_int, default=None,
                             help='seed of --select random (default: random_seed)')
-        parser.add_argument('--n_oracle', type=positive_int, default=256,
-                            help='poisoned test inputs (and their clean versions) that measure each map\'s trigger lift')
         group = root.add_argument_group('amount pruned')
         group.add_argument('--prune_exponent', type=nonnegative_int, default=6,
                            help='prune floor(C / 2**prune_exponent) channels per layer (the release\'s rule)')
@@ -105,15 +102,13 @@ class FeatureMapPruning(Defense):
             return x, predict(ctx.model, x, ctx.device).to(ctx.device)
         return x, ctx.clean_subset.labels[pick].to(ctx.device)
 
-    def trigger_lift(self, ctx):
-        """Each map's mean activation on poisoned test inputs minus on their clean versions."""
-        generator = torch.Generator().manual_seed(ctx.args.random_seed)
-        pick = torch.randperm(len(ctx.bd_test), generator=generator)[:ctx.args.n_oracle]
-        poisoned = to_float(ctx.bd_test.images[pick])
-        clean = to_float(ctx.test.images[ctx.bd_test.index[pick]])
-        return trigger_lift(ctx.model, self.layers, clean, poisoned, ctx.device)
+    def zero_bn_bias(self, args):
+        return args.bn_bias == 'zero'
 
-    def defend(self, ctx):
+    def keep_pruned(self, args):
+        return args.prune_mode == 'mask'
+
+    def select(self, ctx):
         args = ctx.args
         generator = torch.Generator().manual_seed(args.random_seed)
         x, y = self.ranking_inputs(ctx, generator)
@@ -124,7 +119,7 @@ class FeatureMapPruning(Defense):
         amount = PruneAmount(args.prune_exponent, args.prune_ratio, args.prune_round, args.min_prune, args.prune_scope)
         fmp = fmp_flags(scores, amount, 'kmeans' if args.select == 'kmeans' else 'fraction', args.tie_break)
         counts = {name: len(f) for name, f in fmp.items()}
-        lift = self.trigger_lift(ctx)
+        lift = ctx.trigger_lift({layer.name: layer.output_module for layer in self.layers})
         oracle = highest_channels(lift, counts)
         if args.select == 'random':
             seed = args.random_seed if args.selection_seed is None else args.selection_seed
@@ -135,39 +130,18 @@ class FeatureMapPruning(Defense):
             ctx.log('select oracle_trigger looks at the trigger: an analysis ceiling, not a defense')
         else:
             flagged = fmp
-        total = sum(counts.values())
-        overlap = {'fmp_with_oracle': shared(fmp, oracle), 'selected_with_oracle': shared(flagged, oracle),
-                   'selected_with_fmp': shared(flagged, fmp), 'total': total}
         targets = self.layers if args.pairing == 'graph' else module_order_targets(ctx.model, self.layers)
-        self.write_scores(ctx, targets, scores, lift, fmp, flagged)
+        self.write_pruned(ctx, targets, flagged)
         ctx.log(f'ranked {sum(len(s) for s in scores.values())} feature maps in {len(scores)} conv layers '
-                f'in {rank_seconds:.1f} s; select {args.select}, {amount.describe()}: {total} maps; '
-                f'{overlap["fmp_with_oracle"]} of FMP\'s {total} are among the {total} the trigger excites most '
-                f'(selected: {overlap["selected_with_oracle"]})')
-        summary = {'rank_seconds': round(rank_seconds, 3), 'pruned_total': total, 'select': args.select,
-                   'amount': amount.describe(), 'overlap': overlap}
-        extras = {'channel_scores': scores, 'trigger_lift': lift, 'fmp_channels': fmp, 'pruned_channels': flagged,
-                  'overlap': overlap}
-        if args.rank_only:
-            return DefenseResult(data=extras, summary=summary)
+                f'in {rank_seconds:.1f} s; select {args.select}, {amount.describe()}; '
+                f'{shared(fmp, oracle)} of FMP\'s {sum(counts.values())} maps are among the trigger-excited ones')
+        return Selection(targets, scores, flagged, lift=lift, columns={'fmp': fmp}, data={'fmp_channels': fmp},
+                         summary={'rank_seconds': round(rank_seconds, 3), 'select': args.select,
+                                  'amount': amount.describe(),
+                                  'overlap': {'fmp_with_oracle': shared(fmp, oracle), 'selected_with_fmp': shared(flagged, fmp)}})
 
-        zero_bias = args.bn_bias == 'zero'
-        prune_channels(targets, flagged, zero_bias)
-        pruned_metrics = ctx.evaluate()
-        ctx.log('after pruning, before fine-tuning: ' + ' '.join(f'{k}={v:.4f}' for k, v in pruned_metrics.items()))
-        extras['metrics_after_pruning'] = summary['after_pruning'] = pruned_metrics
-        after_step = keep_pruned(targets, flagged, zero_bias) if args.prune_mode == 'mask' else None
-        _, finetune_seconds = timed(ctx.finetune, after_step=after_step, desc='fmp finetune')
-        summary['finetune_seconds'] = round(finetune_seconds, 3)
-        return DefenseResult(ctx.model, data=extras, summary=summary)
-
-    def write_scores(self, ctx, targets, scores, lift, fmp, flagged):
-        as_sets = lambda selection: {name: set(f.tolist()) for name, f in selection.items()}  # noqa: E731
-        fmp_set, pruned = as_sets(fmp), as_sets(flagged)
-        rows = [{'layer': name, 'channel': k, 'score': float(s[k]), 'trigger_lift': float(lift[name][k]),
-                 'fmp': int(k in fmp_set[name]), 'pruned': int(k in pruned[name])}
-                for name, s in scores.items() for k in range(len(s))]
-        save_csv(rows, ctx.folder / 'channel_scores.csv')
+    def write_pruned(self, ctx, targets, flagged):
+        """pruned_channels.json: per ranked conv, its pruned channels and the convs and BatchNorms zeroed for them."""
         names = {id(module): name for name, module in ctx.model.named_modules()}
         zeroed = {}
         for target in targets:

@@ -20,12 +20,13 @@ import torch.nn as nn
 
 from . import UserError
 from .config import (ToolkitParser, add_common_arguments, config_to_dict, fraction, parse_config, path_arg,
-                     resolve_device, seed_everything, str2bool)
-from .data import DATASETS, Split, class_balanced_subset, dataset_spec, load_splits
+                     positive_int, resolve_device, seed_everything, str2bool)
+from .data import DATASETS, Split, class_balanced_subset, dataset_spec, load_splits, to_float
 from .evaluate import defense_effectiveness_rating, detection_metrics, evaluate
 from .poison import PoisonedSet, poisoned_training_split
+from .pruning import highest_channels, prune_channels, trigger_lift
 from .record import (DEFENSE_RESULT, Log, load_attack_record, load_record_model, metrics_table, record_folder,
-                     save_json, save_torch, save_yaml)
+                     save_csv, save_json, save_torch, save_yaml)
 from .registry import DEFENSES, register_defense  # noqa: F401  (register_defense: for defense modules)
 from .train import TrainSettings, add_training_arguments, train
 
@@ -101,6 +102,35 @@ class DefenseContext:
     def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
         return evaluate(self.model if model is None else model, self.test, self.bd_test, self.device)
 
+    def trigger_lift(self, modules: dict[str, nn.Module], model: nn.Module | None = None,
+                     where: str = 'output') -> dict[str, torch.Tensor]:
+        """Each channel's mean activation (at the output of ``modules``) on ``n_oracle`` of the
+        record's poisoned test inputs minus on their clean versions: it looks at the trigger, so
+        it serves the ``oracle_trigger`` comparison every pruning defense reports, never a defense."""
+        generator = torch.Generator().manual_seed(self.args.random_seed)
+        pick = torch.randperm(len(self.bd_test), generator=generator)[:self.args.n_oracle]
+        poisoned = to_float(self.bd_test.images[pick])
+        clean = to_float(self.test.images[self.bd_test.index[pick]])
+        return trigger_lift(self.model if model is None else model, modules, clean, poisoned, self.device, where=where)
+
+    def channel_report(self, scores: dict[str, torch.Tensor], pruned: dict[str, torch.Tensor],
+                       lift: dict[str, torch.Tensor], columns: dict[str, dict[str, torch.Tensor]] | None = None,
+                       score_name: str = 'score') -> dict[str, Any]:
+        """Write channel_scores.csv (unit, channel, the defense's score, trigger lift, pruned, and
+        any ``columns`` of channel sets) and return how many pruned channels are among the
+        trigger-excited ones at the same per-unit counts, beside what random choice would give."""
+        sets = {key: {name: set(torch.as_tensor(c).tolist()) for name, c in chosen.items()}
+                for key, chosen in ({'pruned': pruned} | (columns or {})).items()}
+        rows = [{'layer': name, 'channel': k, score_name: float(s[k]), 'trigger_lift': float(lift[name][k])}
+                | {key: int(k in chosen.get(name, ())) for key, chosen in reversed(list(sets.items()))}
+                for name, s in scores.items() for k in range(len(s))]
+        save_csv(rows, self.folder / 'channel_scores.csv')
+        counts = {name: len(sets['pruned'].get(name, ())) for name in scores}
+        oracle = highest_channels(lift, counts)
+        return {'total': sum(counts.values()),
+                'with_oracle': sum(len(sets['pruned'].get(n, set()) & set(oracle[n].tolist())) for n in counts),
+                'random_expected_with_oracle': round(sum(c * c / len(scores[n]) for n, c in counts.items()), 2)}
+
     def finetune(self, model: nn.Module | None = None, data: Split | None = None, **kwargs) -> list[dict]:
         """Fine-tune ``model`` (default: the record's) on ``data`` (default: the clean subset) with the
         defense's training options, evaluating every epoch into the defense folder; ``kwargs`` go to
@@ -145,6 +175,9 @@ class Defense:
                            help="record/<result_file>/defense/<save_folder_name>/ receives the result (default: the "
                                 "defense's name); give each run of a sweep its own")
         group.add_argument('--resume', action='store_true', help='continue interrupted fine-tuning from its checkpoint')
+        group.add_argument('--n_oracle', type=positive_int, default=256,
+                           help='poisoned test inputs (and their clean versions) measuring how much the trigger excites each '
+                                'channel, for the oracle_trigger comparison pruning defenses report (analysis only)')
         group.add_argument('--eval_each_epoch', type=str2bool, default=True,
                            help='evaluate ACC/ASR/RA after every fine-tuning epoch (false: only the final model, for sweeps)')
         add_training_arguments(parser)
@@ -215,3 +248,69 @@ class Defense:
         save_json(summary, folder / 'summary.json')
         log(f'saved {folder / DEFENSE_RESULT} ({seconds:.1f} s)\n{metrics_table(rows)}')
         return result
+
+
+@dataclass
+class Selection:
+    """What a pruning defense chooses: its ``units`` (utils.pruning.ConvLayer), a score per channel
+    (``scores``, written to channel_scores.csv), the channels to prune (``pruned``), and optionally
+    the trigger lift it already measured, more channel sets for the CSV (``columns``), entries for
+    defense_result.pt (``data``) and for summary.json (``summary``; its ``overlap`` is merged)."""
+    units: list
+    scores: dict[str, torch.Tensor]
+    pruned: dict[str, torch.Tensor]
+    lift: Optional[dict[str, torch.Tensor]] = None
+    columns: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+class PruningDefense(Defense):
+    """Shared behaviour of the defenses that score channels and prune them (FMP, FP, ANP, CLP, BNP,
+    RNP): a subclass only says what it prunes (:meth:`select`). The base measures the trigger lift of
+    every channel (how many pruned channels are among the ones the trigger excites most, beside
+    what random choice would give), writes channel_scores.csv, prunes with the shared
+    :func:`utils.pruning.prune_channels`, evaluates the pruned model, and fine-tunes it on the clean
+    subset when ``epochs`` > 0, keeping pruned channels at zero."""
+    score_name = 'score'
+
+    def select(self, ctx: DefenseContext) -> Selection:
+        raise NotImplementedError(f'{type(self).__name__} must implement select')
+
+    def lift_modules(self, ctx: DefenseContext, selection: Selection) -> dict[str, nn.Module]:
+        """Where each unit's channels are measured: where they leave the unit."""
+        return {unit.name: unit.output_module for unit in selection.units}
+
+    def zero_bn_bias(self, args) -> bool:
+        return True
+
+    def keep_pruned(self, args) -> bool:
+        """Whether fine-tuning keeps the pruned channels at zero (else they may regrow)."""
+        return True
+
+    def prune(self, ctx: DefenseContext, selection: Selection) -> None:
+        prune_channels(selection.units, selection.pruned, self.zero_bn_bias(ctx.args))
+
+    def defend(self, ctx: DefenseContext) -> DefenseResult:
+        selection = self.select(ctx)
+        lift = selection.lift if selection.lift is not None else ctx.trigger_lift(self.lift_modules(ctx, selection))
+        overlap = ctx.channel_report(selection.scores, selection.pruned, lift, selection.columns, self.score_name)
+        overlap |= selection.summary.pop('overlap', {})
+        summary = {'pruned_total': overlap['total'], 'overlap': overlap} | selection.summary
+        data = {'channel_scores': selection.scores, 'trigger_lift': lift, 'pruned_channels': selection.pruned,
+                'overlap': overlap} | selection.data
+        ctx.log(f'{self.name}: pruning {overlap["total"]} channels in {len(selection.scores)} units; '
+                f'{overlap["with_oracle"]} of them are among the {overlap["total"]} the trigger excites most at the '
+                f'same per-unit counts (random choice: {overlap["random_expected_with_oracle"]} expected)')
+        if getattr(ctx.args, 'rank_only', False):
+            return DefenseResult(data=data, summary=summary)
+        self.prune(ctx, selection)
+        pruned_metrics = ctx.evaluate()
+        ctx.log('after pruning, before fine-tuning: ' + ' '.join(f'{k}={v:.4f}' for k, v in pruned_metrics.items()))
+        data['metrics_after_pruning'] = summary['after_pruning'] = pruned_metrics
+        if ctx.args.epochs > 0:
+            after_step = (lambda model: self.prune(ctx, selection)) if self.keep_pruned(ctx.args) else None
+            started = time.time()
+            ctx.finetune(after_step=after_step)
+            summary['finetune_seconds'] = round(time.time() - started, 3)
+        return DefenseResult(ctx.model, data=data, summary=summary)

@@ -276,31 +276,6 @@ def random_channels(counts: dict[str, int], channels: dict[str, int], generator:
             for name, count in counts.items()}
 
 
-def highest_channels(values: dict[str, torch.Tensor], counts: dict[str, int]) -> dict[str, torch.Tensor]:
-    """In every layer the ``counts[layer]`` channels of highest value (ties by channel index)."""
-    return {name: torch.sort(torch.sort(-values[name], stable=True).indices[:count]).values
-            for name, count in counts.items()}
-
-
-@torch.no_grad()
-def trigger_lift(model: nn.Module, layers: list[ConvLayer], clean: torch.Tensor, poisoned: torch.Tensor,
-                 device: torch.device, batch: int = 128) -> dict[str, torch.Tensor]:
-    """Per channel of every layer: its mean activation on ``poisoned`` images minus on their
-    ``clean`` versions (float in [0, 1], (N, C, H, W), same order), read where the channel leaves
-    its conv/BN pair (the paired BatchNorm's output, else the conv's). It looks at the trigger, so
-    it serves analysis and the ``oracle_trigger`` ceiling, never a defense."""
-    modules = [layer.bn if layer.bn is not None else layer.conv for layer in layers]
-    sums = {'clean': [0.0] * len(layers), 'poisoned': [0.0] * len(layers)}
-    with eval_mode(model):
-        for key, images in (('clean', clean), ('poisoned', poisoned)):
-            for start in range(0, len(images), batch):
-                chunk = images[start:start + batch].to(device)
-                for i, out in enumerate(outputs_of(model, modules, chunk)):
-                    sums[key][i] = sums[key][i] + out.double().mean(dim=(2, 3)).sum(0).cpu()
-    return {layer.name: ((sums['poisoned'][i] - sums['clean'][i]) / len(clean)).float()
-            for i, layer in enumerate(layers)}
-
-
 def timed(fn, *args, **kwargs):
     started = time.perf_counter()
     out = fn(*args, **kwargs)

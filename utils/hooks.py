@@ -45,6 +45,19 @@ def outputs_of(model: nn.Module, modules: Sequence[nn.Module], x: torch.Tensor) 
     return [captured[index] for index in range(len(modules))]
 
 
+def inputs_of(model: nn.Module, modules: Sequence[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
+    """The (first) input of every module in ``modules`` (its first call) from one forward of ``model`` on ``x``."""
+    captured: dict[int, torch.Tensor] = {}
+    handles = [m.register_forward_pre_hook(lambda m, i, key=index: captured.setdefault(key, i[0]))
+               for index, m in enumerate(modules)]
+    try:
+        model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [captured[index] for index in range(len(modules))]
+
+
 def stage_outputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """{stage name: output} for the model's ``feature_stages`` (see models.layers.ImageClassifier)."""
     names = tuple(getattr(model, 'feature_stages', ()))

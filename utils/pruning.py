@@ -1,9 +1,11 @@
-"""Channels of convolutional layers, found through the model's graph, and pruning them.
+"""Channels of a model, found through its graph, and pruning them: the core every pruning defense shares.
 
-:func:`conv_layers` lists every ``nn.Conv2d`` in forward order, each paired with the BatchNorm
-that consumes its output tensor, found by tracing one forward (never by module order: in ResNet
-downsampling blocks module order and data flow disagree). :func:`prune_channels` zeroes channels
-of those layers; FMP and every pruning defense share it."""
+A unit (:class:`ConvLayer`) is a conv with the BatchNorm that consumes its output tensor
+(:func:`conv_layers`, found by tracing one forward, never by module order: in ResNet downsampling
+blocks module order and data flow disagree), or a BatchNorm on its own (:func:`bn_units`, the
+neurons ANP, BNP and RNP mask). :func:`prune_channels` zeroes channels of units; FMP and every
+pruning defense use it. :func:`trigger_lift` measures how much a record's trigger excites each
+channel, for the ``oracle_trigger`` comparison every pruning defense reports."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,18 +16,26 @@ import torch.nn as nn
 
 from . import UserError
 from .evaluate import eval_mode
+from .hooks import inputs_of, outputs_of
 
 
 @dataclass
 class ConvLayer:
+    """A prunable unit: ``conv`` and the BatchNorm that consumes its output directly, or (``conv``
+    None) a BatchNorm on its own. ``name`` keys the unit's flags (the conv's name, or the BN's)."""
     name: str
-    conv: nn.Conv2d
-    bn_name: Optional[str] = None      # the BatchNorm that consumes this conv's output directly
+    conv: Optional[nn.Conv2d]
+    bn_name: Optional[str] = None
     bn: Optional[nn.BatchNorm2d] = None
 
     @property
     def channels(self) -> int:
-        return self.conv.out_channels
+        return self.conv.out_channels if self.conv is not None else self.bn.num_features
+
+    @property
+    def output_module(self) -> nn.Module:
+        """Where the unit's channels leave it: the BatchNorm when there is one, else the conv."""
+        return self.bn if self.bn is not None else self.conv
 
 
 def conv_layers(model: nn.Module, input_shape: tuple[int, ...]) -> list[ConvLayer]:
@@ -55,6 +65,33 @@ def conv_layers(model: nn.Module, input_shape: tuple[int, ...]) -> list[ConvLaye
         for handle in handles:
             handle.remove()
     return list(layers.values())
+
+
+def bn_units(model: nn.Module, input_shape: tuple[int, ...]) -> list[ConvLayer]:
+    """Every ``nn.BatchNorm2d`` that runs in a forward, in forward order, as a unit of its own."""
+    names = {module: name for name, module in model.named_modules()}
+    seen: dict[str, nn.BatchNorm2d] = {}
+
+    def record(module, inputs):   # a pre-hook's return value would replace the input: return nothing
+        seen.setdefault(names[module], module)
+
+    handles = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    device = next(model.parameters()).device
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(torch.zeros(1, *input_shape, device=device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [ConvLayer(name, None, name, bn) for name, bn in seen.items()]
+
+
+def check_bn_units(model: nn.Module, input_shape: tuple[int, ...], model_name: str, method: str) -> list[ConvLayer]:
+    """:func:`bn_units`, or a one-line error when the model has no BatchNorm."""
+    units = bn_units(model, input_shape)
+    if not units:
+        raise UserError(f"the record's model ({model_name}) has no BatchNorm2d layers: {method} works on BatchNorm neurons")
+    return units
 
 
 def check_prunable(model: nn.Module, input_shape: tuple[int, ...], model_name: str, method: str) -> list[ConvLayer]:
@@ -100,10 +137,11 @@ def prune_channels(layers: list[ConvLayer], flagged: dict[str, torch.Tensor], ze
         if channels is None or len(channels) == 0:
             continue
         channels = torch.as_tensor(channels, dtype=torch.int64)
-        own = channels[channels < layer.conv.out_channels]
-        layer.conv.weight[own] = 0
-        if layer.conv.bias is not None:
-            layer.conv.bias[own] = 0
+        if layer.conv is not None:
+            own = channels[channels < layer.conv.out_channels]
+            layer.conv.weight[own] = 0
+            if layer.conv.bias is not None:
+                layer.conv.bias[own] = 0
         if layer.bn is not None and layer.bn.affine:
             bn_channels = channels[channels < layer.bn.num_features]
             layer.bn.weight[bn_channels] = 0
@@ -115,3 +153,37 @@ def keep_pruned(layers: list[ConvLayer], flagged: dict[str, torch.Tensor],
                 zero_bn_bias: bool = True) -> Callable[[nn.Module], None]:
     """``after_step`` callback of the training loop: pruned channels stay zero through fine-tuning."""
     return lambda model: prune_channels(layers, flagged, zero_bn_bias)
+
+
+def above_mean_plus(scores: torch.Tensor, u: float) -> torch.Tensor:
+    """Indices of the outlying scores of one unit: above mean + u * std (population std), the
+    rule CLP and BNP share (Zheng et al. 2022)."""
+    spread = scores.std(unbiased=False) if len(scores) > 1 else torch.tensor(0.0)
+    return torch.nonzero(scores > scores.mean() + u * spread).flatten()
+
+
+def highest_channels(values: dict[str, torch.Tensor], counts: dict[str, int]) -> dict[str, torch.Tensor]:
+    """In every unit the ``counts[unit]`` channels of highest value (ties by channel index)."""
+    return {name: torch.sort(torch.sort(-values[name], stable=True).indices[:count]).values
+            for name, count in counts.items()}
+
+
+@torch.no_grad()
+def trigger_lift(model: nn.Module, modules: dict[str, nn.Module], clean: torch.Tensor, poisoned: torch.Tensor,
+                 device: torch.device, batch: int = 128, where: str = 'output') -> dict[str, torch.Tensor]:
+    """Per channel of every module in ``modules`` ({name: module}): its mean activation on
+    ``poisoned`` images minus on their ``clean`` versions (float in [0, 1], (N, C, H, W), same
+    order), averaged over positions, read at the modules' outputs (or, ``where='input'``, their
+    inputs: the classifier's input is the penultimate feature). It looks at the trigger, so it serves analysis and the
+    ``oracle_trigger`` ceiling, never a defense."""
+    names, targets = list(modules), list(modules.values())
+    sums = {'clean': [0.0] * len(targets), 'poisoned': [0.0] * len(targets)}
+    with eval_mode(model):
+        for key, images in (('clean', clean), ('poisoned', poisoned)):
+            for start in range(0, len(images), batch):
+                chunk = images[start:start + batch].to(device)
+                read = inputs_of if where == 'input' else outputs_of
+                for i, out in enumerate(read(model, targets, chunk)):
+                    per_channel = out.double().mean(dim=(2, 3)) if out.dim() == 4 else out.double()
+                    sums[key][i] = sums[key][i] + per_channel.sum(0).cpu()
+    return {name: ((sums['poisoned'][i] - sums['clean'][i]) / len(clean)).float() for i, name in enumerate(names)}

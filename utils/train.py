@@ -131,7 +131,8 @@ def train(model: nn.Module, data: Split, settings: TrainSettings, device: torch.
           evaluate_fn: Optional[Callable[[nn.Module], dict]] = None, workdir: Optional[Path] = None,
           resume: bool = False, hflip: bool = True, batch_hook: Optional[BatchHook] = None,
           after_step: Optional[Callable[[nn.Module], None]] = None, train_mode: bool = True,
-          log: Callable[[str], None] = print, desc: Optional[str] = None) -> list[dict]:
+          stop_when: Optional[Callable[[dict], bool]] = None, log: Callable[[str], None] = print,
+          desc: Optional[str] = None) -> list[dict]:
     """Train ``model`` in place on ``data`` and return one metrics row per epoch.
 
     ``optimizer``: an optimizer the caller built, or parameters / parameter groups for the
@@ -143,7 +144,9 @@ def train(model: nn.Module, data: Split, settings: TrainSettings, device: torch.
     metrics file and checkpoint there (:func:`phase_files`); with ``resume`` training continues
     after the checkpoint's epoch, and a finished phase loads its final state and trains no more.
     ``batch_hook`` poisons each batch after augmentation; ``after_step`` runs after every
-    optimiser step (FMP's mask mode keeps pruned channels at zero with it)."""
+    optimiser step (FMP's mask mode keeps pruned channels at zero with it); ``stop_when(row)`` ends
+    the phase early after an epoch whose metrics row satisfies it (RNP's unlearning stops once
+    clean accuracy has fallen far enough); a resumed run remembers that it stopped."""
     model.to(device)
     state_modules = dict(state_modules or {})
     for module in state_modules.values():
@@ -171,7 +174,9 @@ def train(model: nn.Module, data: Split, settings: TrainSettings, device: torch.
         if 'scaler' in state:
             scaler.load_state_dict(state['scaler'])
         rows, start_epoch = list(state['rows']), int(state['epoch']) + 1
-        log(f'resumed {desc} from {checkpoint_path} after epoch {start_epoch}')
+        if state.get('stopped'):
+            start_epoch = settings.epochs
+        log(f'resumed {desc} from {checkpoint_path} after epoch {len(rows)}')
 
     images = data.images.to(device)
     labels = data.labels.to(device)
@@ -216,10 +221,14 @@ def train(model: nn.Module, data: Split, settings: TrainSettings, device: torch.
         rows.append(row)
         log(f'{desc} epoch {epoch + 1}/{settings.epochs}: ' +
             ' '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}' for k, v in row.items() if k != 'epoch'))
+        stopped = stop_when is not None and bool(stop_when(row))
         if checkpoint_path is not None:
             save_torch({'epoch': epoch, 'phase': phase, 'model': model.state_dict(),
                         'modules': {name: m.state_dict() for name, m in state_modules.items()},
                         'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
-                        'scaler': scaler.state_dict(), 'rows': rows}, checkpoint_path)
+                        'scaler': scaler.state_dict(), 'rows': rows, 'stopped': stopped}, checkpoint_path)
             save_csv(rows, Path(workdir) / metrics_name)
+        if stopped:
+            log(f'{desc}: stopping after epoch {epoch + 1} (stop condition met)')
+            break
     return rows
