@@ -19,7 +19,8 @@ For every attack record given, on the same ranking and the same clean data:
 4. analysis (``--stage analysis``): where the trigger-excited maps sit in FMP's ranking, how FMP's
    scores relate to the trigger lift, and what each flagged map costs clean accuracy alone.
 
-Rows go to ``<out>/results.csv`` (a rerun skips rows already there, so a killed run resumes);
+Rows go to ``<out>/results.csv`` (give each concurrent job its own ``--out``; ``--stage report
+--merge DIR ...`` builds one report from several) (a rerun skips rows already there, so a killed run resumes);
 ``<out>/results.md`` holds the tables and ``<out>/asr_vs_maps.png`` the plot (ASR after fine-tuning
 against maps pruned, one line per selection rule, one panel per record). Not a test: it takes hours
 on a CPU.
@@ -341,16 +342,19 @@ def plot(results, out: Path):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--records', nargs='+', required=True, help='attack records (record/<name>/) to ablate')
+    parser.add_argument('--records', nargs='*', default=[], help='attack records (record/<name>/) to ablate')
     parser.add_argument('--record_root', default=str(REPO_ROOT / 'record'))
     parser.add_argument('--out', default=str(REPO_ROOT / 'record' / 'ablation'), help='folder of results.csv/.md/.png')
     parser.add_argument('--stage', default='all', choices=('prune', 'finetune', 'variants', 'analysis', 'all', 'report'),
                         help='all: prune and finetune (variants and analysis run on request)')
     parser.add_argument('--device', default='auto')
+    parser.add_argument('--merge', nargs='*', default=[], help='with --stage report: folders whose results.csv join the report')
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = Results(out / 'results.csv')
+    for folder in args.merge:
+        results.rows += Results(Path(folder) / 'results.csv').rows
     for name in args.records:
         if args.stage in ('prune', 'all'):
             pruning_alone(name, args, results)
