@@ -28,6 +28,7 @@ from .poison import (LABEL_TRANSFORMS, PoisonedSet, backdoor_labels, candidate_i
 from .record import (ATTACK_RESULT, Log, atomic_write, load_attack_record, load_record_model, metrics_table,
                      record_folder, save_json, save_torch, save_yaml)
 from .registry import ATTACKS, register_attack  # noqa: F401  (register_attack: for attack modules)
+from .runs import RunFolder, check_record_root, identity_of, sha256_file
 from .train import CHECKPOINT, BatchHook, TrainSettings, add_training_arguments, train
 
 # the options that determine a clean reference model (a clean record is reused when they match)
@@ -217,7 +218,8 @@ class Attack:
         group = parser.add_argument_group('record')
         group.add_argument('--save_folder_name', required=False, help='record/<save_folder_name>/ receives the result')
         group.add_argument('--resume', action='store_true', help='continue an interrupted run from its last checkpoint')
-        group.add_argument('--overwrite', action='store_true', help='replace an existing record of the same name')
+        group.add_argument('--overwrite', action='store_true',
+                           help='replace an existing record of the same name (swapped in only once the new run has finished)')
         add_training_arguments(parser)
         self.add_arguments(parser.add_argument_group(f'{self.name} attack'))
         return parser
@@ -225,37 +227,46 @@ class Attack:
     def run(self, script_file: str, argv: Sequence[str] | None = None, config: dict[str, Any] | None = None) -> dict:
         """The whole attack: every check happens before anything is written."""
         args = parse_config(self.build_parser(script_file), argv, config)
-        if not args.save_folder_name:
-            args.save_folder_name = f'{self.name}_{args.dataset}'
+        if args.save_folder_name == '':
+            raise UserError('save_folder_name must not be empty (leave it out for the default <attack>_<dataset>)')
+        args.save_folder_name = args.save_folder_name or f'{self.name}_{args.dataset}'
         spec = dataset_spec(args.dataset)
         check_attack_labels(args.attack_target, args.attack_label_trans, args.pratio, spec.num_classes)
         self.setup(args, spec)
         settings = TrainSettings.from_args(args)
+        if settings.epochs < 1:
+            raise UserError('an attack trains its model for at least one epoch (epochs >= 1)')
         device = resolve_device(args.device)
+        check_record_root(args.record_root)
         from models import build_model
         seed_everything(args.random_seed)
         model = build_model(args.model, spec.num_classes, spec.input_shape, dataset=args.dataset)
         folder = record_folder(args.record_root, args.save_folder_name)
-        existing = [p.name for p in (folder / ATTACK_RESULT, folder / CHECKPOINT) if p.exists()]
-        if existing and not (args.resume or args.overwrite):
-            raise UserError(f'{folder} already holds {", ".join(existing)}: pass --resume to continue it, '
-                            '--overwrite to replace it, or choose another --save_folder_name')
-        if self.needs_clean_model and args.clean_model:
-            load_clean_record(args, args.clean_model)   # a named clean record must exist and fit
-        train_split, test_split = load_splits(args.dataset, args.dataset_path, args.train_fraction,
-                                              args.test_fraction, args.random_seed)
+        config = config_to_dict(args) | {'attack': self.name}
+        run = RunFolder(folder, what=f'the record {folder}', results=(ATTACK_RESULT,), resume=args.resume,
+                        overwrite=args.overwrite).open()
+        try:
+            run.check_resume(identity_of(config), args.lr_scheduler)
+            if self.needs_clean_model and args.clean_model:
+                load_clean_record(args, args.clean_model)   # a named clean record must exist and fit
+            train_split, test_split = load_splits(args.dataset, args.dataset_path, args.train_fraction,
+                                                  args.test_fraction, args.random_seed)
+            run.start()
+            result = self.train_and_record(args, config, spec, settings, device, model, train_split, test_split, run)
+        finally:
+            run.close()
+        return result
 
+    def train_and_record(self, args, config, spec, settings, device, model, train_split, test_split, run) -> dict:
+        """Poison, train and write the record into ``run.workdir`` (swapped into place under --overwrite)."""
         started = time.time()
-        if args.overwrite and not args.resume:
-            for stale in (folder / CHECKPOINT, folder / 'log.txt'):
-                stale.unlink(missing_ok=True)
-        log = Log(folder / 'log.txt')
-        ctx = AttackContext(self, args, spec, device, train_split, test_split, model, folder, log)
+        work = run.workdir
+        log = Log(work / 'log.txt')
+        ctx = AttackContext(self, args, spec, device, train_split, test_split, model, work, log)
         self.prepare(ctx)
         bd_train = self.poison_train(train_split, args, spec)
         ctx.bd_test = bd_test = self.poison_test(test_split, args, spec)
-        config = config_to_dict(args) | {'attack': self.name}
-        save_yaml(config, folder / 'config.yaml')
+        save_yaml(config, work / 'config.yaml')
         log(f'{self.name} on {args.dataset} with {args.model}: {self.describe_training_poison(bd_train, args)}, '
             f'{len(bd_test)} poisoned test samples, device {device}')
 
@@ -264,7 +275,7 @@ class Attack:
         if self.learned_trigger:   # the trigger the model was trained with is the final one
             bd_train = self.poison_train(train_split, args, spec)
             ctx.bd_test = bd_test = self.poison_test(test_split, args, spec)
-        self.save_preview(test_split, folder / 'preview.png')
+        self.save_preview(test_split, work / 'preview.png')
         metrics = evaluate(model, test_split, bd_test, device)
         model.cpu()
         result = {'model_name': args.model, 'num_classes': spec.num_classes, 'input_shape': list(spec.input_shape),
@@ -272,13 +283,14 @@ class Attack:
                   'attack_config': config, 'clean_label': self.clean_label,
                   'bd_train': bd_train.to_record('poison_index'), 'bd_test': bd_test.to_record('index'),
                   'metrics': metrics} | self.record_extras()
-        save_torch(result, folder / ATTACK_RESULT)
+        save_torch(result, work / ATTACK_RESULT)
         summary = {'attack': self.name, 'dataset': args.dataset, 'model': args.model, 'epochs': settings.epochs,
                    'metrics': metrics, 'train_seconds': sum(r['seconds'] for r in rows),
                    'seconds_per_epoch': (sum(r['seconds'] for r in rows) / len(rows)) if rows else None,
-                   'wall_seconds': round(time.time() - started, 2)}
-        save_json(summary, folder / 'summary.json')
-        log(f'saved {folder / ATTACK_RESULT}\n' + metrics_table({f'{self.name} pratio={args.pratio:g} ({args.model})': metrics}))
+                   'wall_seconds': round(time.time() - started, 2), 'sha256': sha256_file(work / ATTACK_RESULT)}
+        save_json(summary, work / 'summary.json')
+        log(f'saved {run.folder / ATTACK_RESULT}\n' + metrics_table({f'{self.name} pratio={args.pratio:g} ({args.model})': metrics}))
+        run.commit()
         return result
 
     def save_preview(self, test: Split, path: Path, count: int = 8) -> None:

@@ -39,8 +39,9 @@ def str2bool(value: str) -> bool:
 
 
 def resolve_path(value: str | None, script_dir: Path | None) -> str | None:
-    """Absolute path for ``value``: the current directory wins if the path exists there,
-    then the script's folder, else the current directory (so errors name a real place)."""
+    """Absolute path for ``value``: the current directory wins if the path exists there, then the
+    script's folder, then the repository root (so ``./config/...`` works from anywhere), else the
+    current directory (so errors name a real place)."""
     if value is None or value == '':
         return value
     path = Path(value).expanduser()
@@ -49,9 +50,9 @@ def resolve_path(value: str | None, script_dir: Path | None) -> str | None:
     here = Path.cwd() / path
     if here.exists() or script_dir is None:
         return str(here.resolve())
-    beside_script = Path(script_dir) / path
-    if beside_script.exists():
-        return str(beside_script.resolve())
+    for base in (Path(script_dir), REPO_ROOT):
+        if (base / path).exists():
+            return str((base / path).resolve())
     return str(here.resolve())
 
 
@@ -204,7 +205,7 @@ def add_common_arguments(parser: ToolkitParser) -> None:
     """Options every attack and defense script shares."""
     parser.add_argument('--yaml_path', type=path_arg, help='YAML file whose keys set the defaults of these options')
     parser.add_argument('--device', default='auto', help='auto (CUDA when present, else CPU), cpu, cuda or cuda:N')
-    parser.add_argument('--random_seed', type=int, default=0, help='seeds Python, NumPy and torch; subsets and poison indices derive from it')
+    parser.add_argument('--random_seed', type=nonnegative_int, default=0, help='seeds Python, NumPy and torch; subsets and poison indices derive from it')
     parser.add_argument('--amp', type=str2bool, default=True, help='mixed precision (used on CUDA only)')
     parser.add_argument('--record_root', default=str(REPO_ROOT / 'record'), type=path_arg,
                         help='folder holding one sub-folder per record')
@@ -212,13 +213,14 @@ def add_common_arguments(parser: ToolkitParser) -> None:
 
 def resolve_device(name: str):
     """``auto`` -> CUDA when present, else CPU; ``cpu``, ``cuda`` and ``cuda:N`` as given."""
+    import re
+
     import torch
     if name == 'auto':
         return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f'unknown device {name!r} (use auto, cpu, cuda or cuda:N)') from None
+    if not re.fullmatch(r'cpu|cuda(:\d+)?', str(name)):
+        raise UserError(f'unsupported device {name!r} (use auto, cpu, cuda or cuda:N)')
+    device = torch.device(name)
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise UserError(f'device {name!r} requested but CUDA is not available (use --device auto or cpu)')
     if device.type == 'cuda' and device.index is not None and device.index >= torch.cuda.device_count():

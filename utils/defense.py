@@ -28,6 +28,7 @@ from .pruning import highest_channels, prune_channels, trigger_lift
 from .record import (DEFENSE_RESULT, Log, load_attack_record, load_record_model, metrics_table, record_folder,
                      save_csv, save_json, save_torch, save_yaml)
 from .registry import DEFENSES, register_defense  # noqa: F401  (register_defense: for defense modules)
+from .runs import RunFolder, check_record_hash, check_record_root, identity_of, sha256_file
 from .train import TrainSettings, add_training_arguments, train
 
 
@@ -174,7 +175,9 @@ class Defense:
         group.add_argument('--save_folder_name', default=None,
                            help="record/<result_file>/defense/<save_folder_name>/ receives the result (default: the "
                                 "defense's name); give each run of a sweep its own")
-        group.add_argument('--resume', action='store_true', help='continue interrupted fine-tuning from its checkpoint')
+        group.add_argument('--resume', action='store_true', help='continue an interrupted run from its checkpoint')
+        group.add_argument('--overwrite', action='store_true',
+                           help='replace an existing defense folder of the same name (swapped in once the new run has finished)')
         group.add_argument('--n_oracle', type=positive_int, default=256,
                            help='poisoned test inputs (and their clean versions) measuring how much the trigger excites each '
                                 'channel, for the oracle_trigger comparison pruning defenses report (analysis only)')
@@ -190,48 +193,68 @@ class Defense:
         args = parse_config(parser, argv, config)
         if not args.result_file:
             raise UserError('--result_file is required: the name of the attack record to defend (record/<result_file>/)')
+        if args.save_folder_name == '':
+            raise UserError("save_folder_name must not be empty (leave it out for the defense's name)")
+        check_record_root(args.record_root)
         source = record_folder(args.record_root, args.result_file)
         args.save_folder_name = args.save_folder_name or self.name
         folder = record_folder(source / 'defense', args.save_folder_name)
+        device = resolve_device(args.device)
+        TrainSettings.from_args(args)  # checks the fine-tuning options
         record = load_attack_record(source)
+        parent_sha256 = check_record_hash(source)
         if args.dataset is not None and args.dataset != record['dataset']:
             raise UserError(f"{source} was trained on {record['dataset']}, but --dataset/YAML asks for {args.dataset}")
         if args.model is not None and args.model != record['model_name']:
             raise UserError(f"{source} holds a {record['model_name']} model, but --model/YAML asks for {args.model}")
         args.dataset, args.model = record['dataset'], record['model_name']
-        TrainSettings.from_args(args)  # checks the fine-tuning options
-        device = resolve_device(args.device)
-        model = load_record_model(record)
-
-        attack_config = record['attack_config']
-        data_path = args.dataset_path or attack_config['dataset_path']
-        train_split, test = load_splits(record['dataset'], data_path, attack_config.get('train_fraction', 1.0),
-                                        attack_config.get('test_fraction', 1.0), attack_config['random_seed'])
-        bd_test = PoisonedSet.from_record(record['bd_test'])
-        seed_everything(args.random_seed)
-        clean_subset = train_split.subset(class_balanced_subset(train_split.labels, args.ratio, args.random_seed))
-        self.check(args, model, clean_subset)
-
-        log = Log(folder / 'log.txt')
         config = config_to_dict(args) | {'defense': self.name}
-        save_yaml(config, folder / 'config.yaml')
+        run = RunFolder(folder, what=f'the defense folder {folder}', results=(DEFENSE_RESULT,), resume=args.resume,
+                        overwrite=args.overwrite, parent_lock=source.parent / f'.{source.name}.lock').open()
+        try:
+            run.check_resume(identity_of(config, attack_record_sha256=parent_sha256), args.lr_scheduler)
+            model = load_record_model(record)
+            attack_config = record['attack_config']
+            data_path = args.dataset_path or attack_config['dataset_path']
+            train_split, test = load_splits(record['dataset'], data_path, attack_config.get('train_fraction', 1.0),
+                                            attack_config.get('test_fraction', 1.0), attack_config['random_seed'])
+            bd_test = PoisonedSet.from_record(record['bd_test'])
+            seed_everything(args.random_seed)
+            clean_subset = train_split.subset(class_balanced_subset(train_split.labels, args.ratio, args.random_seed))
+            self.check(args, model, clean_subset)
+
+            def unchanged():
+                if check_record_hash(source) != parent_sha256:
+                    raise UserError(f'{source / "attack_result.pt"} changed while this defense was starting: run it again')
+            run.start(recheck=unchanged)
+            ctx = DefenseContext(model.to(device), record, train_split, clean_subset, test, bd_test, device, args,
+                                 Log(run.workdir / 'log.txt'), run.workdir, self.name)
+            result = self.defend_and_record(ctx, config, source, parent_sha256, run)
+        finally:
+            run.close()
+        return result
+
+    def defend_and_record(self, ctx: DefenseContext, config: dict, source: Path, parent_sha256: str | None,
+                          run: RunFolder) -> dict:
+        """Defend and write the defense record into ``run.workdir`` (swapped into place under --overwrite)."""
+        record, log, work = ctx.record, ctx.log, run.workdir
+        save_yaml(config, work / 'config.yaml')
         log(f'{self.name} on {source.name} ({record["attack"]}, {record["model_name"]}, {record["dataset"]}): '
-            f'{len(clean_subset)} clean training samples, device {device}')
+            f'{len(ctx.clean_subset)} clean training samples, device {ctx.device}')
         started = time.time()
-        ctx = DefenseContext(model.to(device), record, train_split, clean_subset, test, bd_test, device, args, log,
-                             folder, self.name)
         before = ctx.evaluate()
         outcome = self.defend(ctx)
-        summary = {'defense': self.name, 'record': source.name, 'before': before} | outcome.summary
+        summary = {'defense': self.name, 'record': source.name, 'attack_record_sha256': parent_sha256,
+                   'before': before} | outcome.summary
         result = {'model_name': record['model_name'], 'num_classes': record['num_classes'],
                   'input_shape': record['input_shape'], 'dataset': record['dataset'], 'attack': record['attack'],
                   'defense': self.name, 'defense_config': config, 'metrics_before': before} | outcome.data
         rows = {'before (record)': before}
         if outcome.flagged is not None:
-            detection = detection_metrics(outcome.flagged, ctx.poison_index, len(train_split))
+            detection = detection_metrics(outcome.flagged, ctx.poison_index, len(ctx.train))
             result |= {'flagged': torch.as_tensor(outcome.flagged, dtype=torch.int64), 'detection': detection}
             summary['detection'] = detection
-            log(f'{self.name} flagged {detection["flagged"]} of {len(train_split)} training samples: '
+            log(f'{self.name} flagged {detection["flagged"]} of {len(ctx.train)} training samples: '
                 f'{detection["true_positives"]} of the {detection["poisoned"]} poisoned (precision '
                 f'{detection["precision"]:.4f}, recall {detection["recall"]:.4f}, F1 {detection["f1"]:.4f})')
         if outcome.model is not None:
@@ -241,12 +264,13 @@ class Defense:
             summary['after'] = rows[f'after {self.name}'] = after
         summary['seconds'] = seconds = round(time.time() - started, 2)
         if outcome.model is None and outcome.flagged is None:
-            save_json(summary, folder / 'summary.json')
-            log(f'{self.name}: no model produced; wrote {folder}')
-            return result
-        save_torch(result, folder / DEFENSE_RESULT)
-        save_json(summary, folder / 'summary.json')
-        log(f'saved {folder / DEFENSE_RESULT} ({seconds:.1f} s)\n{metrics_table(rows)}')
+            save_json(summary, work / 'summary.json')
+            log(f'{self.name}: no model produced; wrote {run.folder}')
+        else:
+            save_torch(result, work / DEFENSE_RESULT)
+            save_json(summary | {'sha256': sha256_file(work / DEFENSE_RESULT)}, work / 'summary.json')
+            log(f'saved {run.folder / DEFENSE_RESULT} ({seconds:.1f} s)\n{metrics_table(rows)}')
+        run.commit()
         return result
 
 

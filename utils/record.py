@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -76,11 +77,23 @@ def load_torch(path: Path, what: str) -> dict:
     except FileNotFoundError:
         raise UserError(f'{what} not found: {path}') from None
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = str(exc)
+        if 'Unsupported global' in text:
+            raise UserError(f'{path} holds Python objects other than tensors and plain values: refused, since '
+                            'loading them could run code') from None
+        if 'Weights only load failed' in text:    # torch's advice to load unsafely is not for our users
+            detail = text.split('WeightsUnpickler error:')[-1].strip().splitlines()
+            reason = detail[0] if detail and detail[0] else 'not a torch file of tensors'
+        else:
+            reason = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
         raise UserError(f'{path} is unreadable (truncated or corrupted?): {reason}') from None
     if not isinstance(data, dict):
-        raise UserError(f'{path} is not a {what} (expected a dict, got {type(data).__name__})')
+        raise UserError(f'{path} is not {article(what)} {what} (expected a dict, got {type(data).__name__})')
     return data
+
+
+def article(word: str) -> str:
+    return 'an' if word[:1].lower() in 'aeiou' else 'a'
 
 
 class Log:
@@ -91,7 +104,11 @@ class Log:
 
     def __call__(self, message: str) -> None:
         if not self.quiet:
-            print(message, flush=True)
+            try:
+                print(message, flush=True)
+            except BrokenPipeError:   # stdout piped into a reader that left (| head): keep training, log to file
+                self.quiet = True
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, 'a') as handle:
@@ -114,7 +131,38 @@ def load_attack_record(folder: Path) -> dict:
     missing = [key for key in REQUIRED_ATTACK_KEYS if key not in record]
     if missing:
         raise UserError(f'{path} is not an attack record (missing {", ".join(missing)})')
+    problem = malformed(record)
+    if problem:
+        raise UserError(f'{path} is malformed: {problem} (rerun the attack with --overwrite)')
     return record
+
+
+POISONED_KEYS = ('images', 'original_labels', 'backdoor_labels')
+
+
+def malformed(record: dict) -> str | None:
+    """What is wrong with a loaded attack record's contents, or None."""
+    if not isinstance(record['model'], dict) or not record['model'] or \
+            not all(isinstance(v, torch.Tensor) for v in record['model'].values()):
+        return 'model is not a state dict of tensors'
+    config = record['attack_config']
+    if not isinstance(config, dict) or not {'dataset_path', 'random_seed'} <= set(config):
+        return 'attack_config lacks dataset_path or random_seed'
+    shape = record['input_shape']
+    if not (isinstance(shape, (list, tuple)) and len(shape) == 3 and all(isinstance(v, int) and v > 0 for v in shape)):
+        return f'input_shape {shape!r} is not three positive integers'
+    for part, index_key in (('bd_test', 'index'), ('bd_train', 'poison_index')):
+        entry = record.get(part)
+        if entry is None and part == 'bd_train':
+            continue
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(k), torch.Tensor) for k in (index_key,) + POISONED_KEYS):
+            return f'{part} lacks {index_key}/{"/".join(POISONED_KEYS)} tensors'
+        lengths = {len(entry[k]) for k in (index_key,) + POISONED_KEYS}
+        if len(lengths) != 1:
+            return f'{part} holds tensors of different lengths {sorted(lengths)}'
+        if part == 'bd_test' and not lengths.pop():
+            return 'bd_test is empty (no poisoned test inputs to measure ASR on)'
+    return None
 
 
 def load_record_model(record: dict):
