@@ -100,14 +100,9 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list
 TRIED = {'inputs': 0}
 
 
-@pytest.mark.parametrize('name', sorted(ATTACKS.names()))
-def test_attack_configuration_is_accepted_or_refused_in_one_line(name, monkeypatch, tmp_path):
-    monkeypatch.setattr(utils.attack, 'load_splits', refuse_to_load)
-    cls = ATTACKS.get(name)
+def fuzz(cls, script: str, base_argv: list[str], root: Path) -> None:
+    """Throw ``EXAMPLES`` command lines (each with or without a random YAML file) at ``cls``."""
     names = option_names(cls)
-    script = str(ATTACKS.script(name))
-    root = tmp_path / 'record'
-    root.mkdir()
 
     @FUZZ
     @given(argv=command_lines(names), text=st.one_of(st.none(), yaml_files(names)))
@@ -118,31 +113,24 @@ def test_attack_configuration_is_accepted_or_refused_in_one_line(name, monkeypat
             if text is not None:
                 (Path(folder) / 'c.yaml').write_text(text)
                 extra = ['--yaml_path', str(Path(folder) / 'c.yaml')]
-            check_property(lambda a: cls().run(script, a), ['--record_root', str(root), *extra, *argv], root)
+            check_property(lambda a: cls().run(script, a), [*base_argv, *extra, *argv], root)
 
     check()
+
+
+@pytest.mark.parametrize('name', sorted(ATTACKS.names()))
+def test_attack_configuration_is_accepted_or_refused_in_one_line(name, monkeypatch, tmp_path):
+    monkeypatch.setattr(utils.attack, 'load_splits', refuse_to_load)
+    root = tmp_path / 'record'
+    root.mkdir()
+    fuzz(ATTACKS.get(name), str(ATTACKS.script(name)), ['--record_root', str(root)], root)
 
 
 @pytest.mark.parametrize('name', sorted(DEFENSES.names()))
 def test_defense_configuration_is_accepted_or_refused_in_one_line(name, monkeypatch, record_root):
     monkeypatch.setattr(utils.defense, 'load_splits', refuse_to_load)
-    cls = DEFENSES.get(name)
-    names = option_names(cls)
-    script = str(DEFENSES.script(name))
-
-    @FUZZ
-    @given(argv=command_lines(names), text=st.one_of(st.none(), yaml_files(names)))
-    def check(argv, text):
-        TRIED['inputs'] += 1
-        with tempfile.TemporaryDirectory() as folder:
-            extra = []
-            if text is not None:
-                (Path(folder) / 'c.yaml').write_text(text)
-                extra = ['--yaml_path', str(Path(folder) / 'c.yaml')]
-            check_property(lambda a: cls().run(script, a),
-                           ['--record_root', str(record_root), '--result_file', 'badnet_small', *extra, *argv], record_root)
-
-    check()
+    fuzz(DEFENSES.get(name), str(DEFENSES.script(name)),
+         ['--record_root', str(record_root), '--result_file', 'badnet_small'], record_root)
 
 
 def test_report_how_many_inputs_were_tried():

@@ -13,7 +13,7 @@ import io
 import json
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -25,8 +25,8 @@ from .data import DATASETS, DatasetSpec, Split, dataset_spec, load_splits
 from .evaluate import evaluate
 from .poison import (LABEL_TRANSFORMS, PoisonedSet, backdoor_labels, candidate_index, check_attack_labels,
                      choose_poison_index, poisoned_training_split)
-from .record import (ATTACK_RESULT, Log, atomic_write, load_attack_record, load_record_model, metrics_table,
-                     record_folder, save_json, save_torch, save_yaml)
+from .record import (ATTACK_RESULT, Log, atomic_write, load_attack_record, load_record_model, load_torch,
+                     metrics_table, record_folder, save_json, save_torch, save_yaml)
 from .registry import ATTACKS, register_attack  # noqa: F401  (register_attack: for attack modules)
 from .runs import RunFolder, check_record_root, identity_of, sha256_file
 from .train import CHECKPOINT, BatchHook, TrainSettings, add_training_arguments, train
@@ -61,6 +61,24 @@ class AttackContext:
         if self.attack.learned_trigger:
             self.bd_test = self.attack.poison_test(self.test, self.args, self.spec)
         return evaluate(model, self.test, self.bd_test, self.device)
+
+    def artefact(self, kind: str, inputs: dict[str, Any], build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """A generated artefact (a perturbation, an encoder's weights: a dict of tensors and plain
+        values), built by ``build()`` once and reused by every later run whose ``inputs`` (plain,
+        JSON-serialisable values that determine it) match: cached as
+        ``record/.artefacts/<kind>-<hash of inputs>.pt``. Attacks still save what they use in their
+        own record (``record_extras``), so a record never depends on the cache."""
+        digest = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        path = Path(self.args.record_root) / '.artefacts' / f'{kind}-{digest}.pt'
+        if path.exists():
+            cached = load_torch(path, f'{kind} artefact')
+            if cached.get('inputs') == json.loads(json.dumps(inputs, sort_keys=True, default=str)):
+                self.log(f'reusing {kind} from {path}')
+                return cached['artefact']
+        self.log(f'building {kind} (cached as {path} for later runs)')
+        artefact = build()
+        save_torch({'inputs': json.loads(json.dumps(inputs, sort_keys=True, default=str)), 'artefact': artefact}, path)
+        return artefact
 
     def clean_model(self) -> nn.Module:
         """The clean reference model (eval mode, on the device): the record ``--clean_model`` names,
@@ -121,6 +139,7 @@ class Attack:
     per_batch: bool = False
     needs_clean_model: bool = False
     learned_trigger: bool = False
+    sample_specific: bool = False     # the trigger differs between images: the preview shows the residual
 
     # ---- what a concrete attack provides
     def add_arguments(self, parser: ToolkitParser) -> None:
@@ -294,12 +313,17 @@ class Attack:
         return result
 
     def save_preview(self, test: Split, path: Path, count: int = 8) -> None:
-        """A PNG grid: clean test images (top row) above their poisoned versions (bottom row)."""
+        """A PNG grid: clean test images (top row) above their poisoned versions (middle row) and,
+        for sample-specific triggers, the residual |poisoned - clean| amplified to full range (bottom)."""
         from torchvision.utils import save_image
         clean = test.images[:count]
         poisoned = self.apply_trigger(clean, train=False, index=torch.arange(len(clean)),
                                       generator=torch.Generator().manual_seed(0))
-        grid = torch.cat([clean, poisoned]).float() / 255
+        rows = [clean.float() / 255, poisoned.float() / 255]
+        if self.sample_specific:
+            residual = (poisoned.float() - clean.float()).abs()
+            rows.append(residual / residual.max().clamp_min(1))
+        grid = torch.cat(rows)
         buffer = io.BytesIO()
         save_image(grid, buffer, nrow=count, padding=2, format='png')
         atomic_write(path, lambda handle: handle.write(buffer.getvalue()))

@@ -20,11 +20,11 @@ import torch.nn as nn
 
 from . import UserError
 from .config import (ToolkitParser, add_common_arguments, config_to_dict, fraction, parse_config, path_arg,
-                     positive_int, resolve_device, seed_everything, str2bool)
+                     positive_float, positive_int, resolve_device, seed_everything, str2bool)
 from .data import DATASETS, Split, class_balanced_subset, dataset_spec, load_splits, to_float
 from .evaluate import defense_effectiveness_rating, detection_metrics, evaluate
 from .poison import PoisonedSet, poisoned_training_split
-from .pruning import highest_channels, prune_channels, trigger_lift
+from .pruning import above_mean_plus, highest_channels, prune_channels, trigger_lift
 from .record import (DEFENSE_RESULT, Log, load_attack_record, load_record_model, metrics_table, record_folder,
                      save_csv, save_json, save_torch, save_yaml)
 from .registry import DEFENSES, register_defense  # noqa: F401  (register_defense: for defense modules)
@@ -338,3 +338,27 @@ class PruningDefense(Defense):
             ctx.finetune(after_step=after_step)
             summary['finetune_seconds'] = round(time.time() - started, 3)
         return DefenseResult(ctx.model, data=data, summary=summary)
+
+
+class OutlierPruning(PruningDefense):
+    """Pruning defenses that score every channel of their units and prune each unit's outliers,
+    above mean + u * std (CLP, BNP; Zheng et al. 2022). A subclass says which units it scores
+    (:meth:`units`) and how (:meth:`channel_scores`)."""
+
+    def add_arguments(self, parser):
+        group = parser.add_argument_group(f'{self.name} defense')
+        group.add_argument('--u', type=positive_float, default=3.0,
+                           help=f'prune channels whose {self.score_name.replace("_", " ")} exceeds mean + u * std of their unit')
+
+    def units(self, args, model: nn.Module, input_shape: tuple[int, ...]) -> list:
+        raise NotImplementedError(f'{type(self).__name__} must implement units')
+
+    def channel_scores(self, ctx: DefenseContext) -> dict[str, torch.Tensor]:
+        raise NotImplementedError(f'{type(self).__name__} must implement channel_scores')
+
+    def check(self, args, model, clean_subset):
+        self.scored_units = self.units(args, model, tuple(clean_subset.images.shape[1:]))
+
+    def select(self, ctx):
+        scores = self.channel_scores(ctx)
+        return Selection(self.scored_units, scores, {name: above_mean_plus(s, ctx.args.u) for name, s in scores.items()})

@@ -2,7 +2,8 @@
 forward stops there), of several modules from one forward, and of a model's feature stages."""
 from __future__ import annotations
 
-from typing import Sequence
+from contextlib import contextmanager
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -32,30 +33,44 @@ def output_of(model: nn.Module, module: nn.Module, x: torch.Tensor) -> torch.Ten
     return captured['out']
 
 
-def outputs_of(model: nn.Module, modules: Sequence[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
-    """The output of every module in ``modules`` (its first call) from one forward of ``model`` on ``x``."""
-    captured: dict[int, torch.Tensor] = {}
-    handles = [m.register_forward_hook(lambda m, i, o, key=index: captured.setdefault(key, o))
-               for index, m in enumerate(modules)]
+@contextmanager
+def hooks_on(model_hooks: Sequence[tuple[nn.Module, Callable]] = (), pre_hooks: Sequence[tuple[nn.Module, Callable]] = ()):
+    """Forward hooks (``(module, fn(module, inputs, output))``) and pre-hooks (``(module, fn(module,
+    inputs))``) registered for the block and removed after it, however it ends."""
+    handles = [module.register_forward_hook(fn) for module, fn in model_hooks]
+    handles += [module.register_forward_pre_hook(fn) for module, fn in pre_hooks]
     try:
-        model(x)
+        yield
     finally:
         for handle in handles:
             handle.remove()
+
+
+def captured_in_forward(model: nn.Module, modules: Sequence[nn.Module], x: torch.Tensor, where: str) -> list[torch.Tensor]:
+    """The output (``where='output'``) or first input (``'input'``) of every module in ``modules``,
+    at its first call, from one forward of ``model`` on ``x``."""
+    captured: dict[int, torch.Tensor] = {}
+
+    def keep(key, value):          # returns None: a hook's return value would replace the tensor
+        captured.setdefault(key, value)
+
+    if where == 'output':
+        hooks = {'model_hooks': [(m, lambda mod, i, o, k=k: keep(k, o)) for k, m in enumerate(modules)]}
+    else:
+        hooks = {'pre_hooks': [(m, lambda mod, i, k=k: keep(k, i[0])) for k, m in enumerate(modules)]}
+    with hooks_on(**hooks):
+        model(x)
     return [captured[index] for index in range(len(modules))]
+
+
+def outputs_of(model: nn.Module, modules: Sequence[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
+    """The output of every module in ``modules`` (its first call) from one forward of ``model`` on ``x``."""
+    return captured_in_forward(model, modules, x, 'output')
 
 
 def inputs_of(model: nn.Module, modules: Sequence[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
-    """The (first) input of every module in ``modules`` (its first call) from one forward of ``model`` on ``x``."""
-    captured: dict[int, torch.Tensor] = {}
-    handles = [m.register_forward_pre_hook(lambda m, i, key=index: captured.setdefault(key, i[0]))
-               for index, m in enumerate(modules)]
-    try:
-        model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return [captured[index] for index in range(len(modules))]
+    """The first input of every module in ``modules`` (its first call) from one forward of ``model`` on ``x``."""
+    return captured_in_forward(model, modules, x, 'input')
 
 
 def stage_outputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from . import UserError
 from .evaluate import eval_mode
-from .hooks import inputs_of, outputs_of
+from .hooks import hooks_on, inputs_of, outputs_of
 
 
 @dataclass
@@ -38,6 +38,15 @@ class ConvLayer:
         return self.bn if self.bn is not None else self.conv
 
 
+@torch.no_grad()
+def traced_forward(model: nn.Module, input_shape: tuple[int, ...], model_hooks=(), pre_hooks=()) -> None:
+    """One eval-mode forward of a zero image with ``hooks_on(model_hooks, pre_hooks)``: how the
+    model's graph is read."""
+    device = next(model.parameters()).device
+    with eval_mode(model), hooks_on(model_hooks, pre_hooks):
+        model(torch.zeros(1, *input_shape, device=device))
+
+
 def conv_layers(model: nn.Module, input_shape: tuple[int, ...]) -> list[ConvLayer]:
     """Every ``nn.Conv2d`` in forward order, each paired with the BatchNorm whose input *is* its
     output tensor (None when its output goes elsewhere, e.g. into a residual addition)."""
@@ -55,15 +64,8 @@ def conv_layers(model: nn.Module, input_shape: tuple[int, ...]) -> list[ConvLaye
         if entry is not None and entry[0] is inputs[0] and layers[entry[1]].bn is None:
             layers[entry[1]].bn_name, layers[entry[1]].bn = names[module], module
 
-    handles = [m.register_forward_hook(on_conv) for m in model.modules() if isinstance(m, nn.Conv2d)]
-    handles += [m.register_forward_pre_hook(on_bn) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    device = next(model.parameters()).device
-    try:
-        with eval_mode(model), torch.no_grad():
-            model(torch.zeros(1, *input_shape, device=device))
-    finally:
-        for handle in handles:
-            handle.remove()
+    traced_forward(model, input_shape, [(m, on_conv) for m in model.modules() if isinstance(m, nn.Conv2d)],
+                   [(m, on_bn) for m in model.modules() if isinstance(m, nn.BatchNorm2d)])
     return list(layers.values())
 
 
@@ -75,14 +77,7 @@ def bn_units(model: nn.Module, input_shape: tuple[int, ...]) -> list[ConvLayer]:
     def record(module, inputs):   # a pre-hook's return value would replace the input: return nothing
         seen.setdefault(names[module], module)
 
-    handles = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    device = next(model.parameters()).device
-    try:
-        with eval_mode(model), torch.no_grad():
-            model(torch.zeros(1, *input_shape, device=device))
-    finally:
-        for handle in handles:
-            handle.remove()
+    traced_forward(model, input_shape, pre_hooks=[(m, record) for m in model.modules() if isinstance(m, nn.BatchNorm2d)])
     return [ConvLayer(name, None, name, bn) for name, bn in seen.items()]
 
 

@@ -12,11 +12,11 @@ import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).reso
 
 import torch
 
-from utils.config import positive_float, run_main
+from utils.config import run_main
 from utils.data import to_float
-from utils.defense import PruningDefense, Selection, register_defense
+from utils.defense import OutlierPruning, register_defense
 from utils.evaluate import eval_mode
-from utils.pruning import above_mean_plus, check_bn_units
+from utils.pruning import check_bn_units
 
 
 @torch.no_grad()
@@ -55,28 +55,18 @@ def gaussian_kl(mean_p, var_p, mean_q, var_q, floor: float = 1e-5) -> torch.Tens
 
 
 @register_defense
-class BNP(PruningDefense):
+class BNP(OutlierPruning):
     """BNP (Zheng et al., NeurIPS 2022): prune BatchNorm neurons whose clean-data statistics diverge from the running ones."""
     name = 'bnp'
     score_name = 'kl_divergence'
 
-    def add_arguments(self, parser):
-        group = parser.add_argument_group('bnp defense')
-        group.add_argument('--u', type=positive_float, default=3.0,
-                           help='prune channels whose divergence exceeds mean + u * std of their layer')
+    def units(self, args, model, input_shape):
+        return check_bn_units(model, input_shape, args.model, 'BNP')
 
-    def check(self, args, model, clean_subset):
-        self.units = check_bn_units(model, tuple(clean_subset.images.shape[1:]), args.model, 'BNP')
-
-    def select(self, ctx):
-        moments = input_moments(ctx.model, self.units, ctx.clean_subset.images, ctx.device)
-        scores = {}
-        for unit in self.units:
-            mean, var = moments[unit.name]
-            scores[unit.name] = gaussian_kl(mean, var, unit.bn.running_mean.double().cpu(),
-                                            unit.bn.running_var.double().cpu()).float()
-        pruned = {name: above_mean_plus(s, ctx.args.u) for name, s in scores.items()}
-        return Selection(self.units, scores, pruned)
+    def channel_scores(self, ctx):
+        moments = input_moments(ctx.model, self.scored_units, ctx.clean_subset.images, ctx.device)
+        return {unit.name: gaussian_kl(*moments[unit.name], unit.bn.running_mean.double().cpu(),
+                                       unit.bn.running_var.double().cpu()).float() for unit in self.scored_units}
 
 
 def main(argv=None):

@@ -8,9 +8,9 @@ import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).reso
 
 import torch
 
-from utils.config import positive_float, run_main
-from utils.defense import PruningDefense, Selection, register_defense
-from utils.pruning import above_mean_plus, check_prunable
+from utils.config import run_main
+from utils.defense import OutlierPruning, register_defense
+from utils.pruning import check_prunable
 
 
 def channel_lipschitz_bounds(layer) -> torch.Tensor:
@@ -23,23 +23,16 @@ def channel_lipschitz_bounds(layer) -> torch.Tensor:
 
 
 @register_defense
-class CLP(PruningDefense):
+class CLP(OutlierPruning):
     """CLP (Zheng et al., ECCV 2022): prune channels with an outlying Lipschitz upper bound; data-free."""
     name = 'clp'
     score_name = 'lipschitz_bound'
 
-    def add_arguments(self, parser):
-        group = parser.add_argument_group('clp defense')
-        group.add_argument('--u', type=positive_float, default=3.0,
-                           help='prune channels whose bound exceeds mean + u * std of their layer')
+    def units(self, args, model, input_shape):
+        return check_prunable(model, input_shape, args.model, 'CLP')
 
-    def check(self, args, model, clean_subset):
-        self.layers = check_prunable(model, tuple(clean_subset.images.shape[1:]), args.model, 'CLP')
-
-    def select(self, ctx):
-        scores = {layer.name: channel_lipschitz_bounds(layer) for layer in self.layers}
-        pruned = {name: above_mean_plus(s, ctx.args.u) for name, s in scores.items()}
-        return Selection(self.layers, scores, pruned)
+    def channel_scores(self, ctx):
+        return {unit.name: channel_lipschitz_bounds(unit) for unit in self.scored_units}
 
 
 def main(argv=None):
