@@ -3,10 +3,12 @@
 function ``x' = (1 - alpha) * x + alpha * t``.
 
 Defaults: ``alpha = 0.2`` for training and test (BackdoorBench's ``attack_train_blended_alpha`` /
-``attack_test_blended_alpha``), and the paper's random-pattern key: a uniform-noise image whose
-pixels are independent integers in 0..255, generated from ``pattern_seed`` (independent of
-``random_seed``, so one trigger can serve several training seeds). ``attack_trigger_img_path``
-blends an image file instead (BackdoorBench's CIFAR-10 default is Hello Kitty), resized to the input size.
+``attack_test_blended_alpha``). The trigger: an image file (``attack_trigger_img_path``, resized to
+the input size); the CIFAR-10 YAML blends a natural photograph, as BackdoorBench does with its Hello
+Kitty image, which may not be redistributed: ``config/attack/blended/chelsea_64.png``, scikit-image's
+CC0 "Chelsea the cat". Without an image (the option empty), the paper's random-pattern key: a
+uniform-noise image whose pixels are independent integers in 0..255, generated from ``pattern_seed``
+(independent of ``random_seed``, so one trigger can serve several training seeds).
 
 Pixels: ``x`` and ``t`` are uint8; the blend is computed in float64 in exactly that order,
 ``(1 - alpha) * x + alpha * t``, rounded to the nearest integer (ties to even, ``torch.round``)
@@ -38,7 +40,7 @@ def blend(images: torch.Tensor, pattern: torch.Tensor, alpha: float) -> torch.Te
 
 @register_attack
 class Blended(Attack):
-    """Blended: x' = (1 - alpha) x + alpha t, alpha 0.2, t a seeded uniform-noise image (or an image file)."""
+    """Blended: x' = (1 - alpha) x + alpha t, alpha 0.2, t an image file (CIFAR-10 YAML: a CC0 cat photograph) or seeded uniform noise."""
     name = 'blended'
 
     def add_arguments(self, parser):
@@ -47,7 +49,7 @@ class Blended(Attack):
         parser.add_argument('--attack_test_blended_alpha', type=probability, default=0.2,
                             help='blend weight alpha of the trigger in the poisoned test images (0..1)')
         parser.add_argument('--attack_trigger_img_path', default=None, type=path_arg,
-                            help='trigger image (resized to the input size); default: a seeded uniform-noise pattern')
+                            help="trigger image (resized to the input size); '' or none: a seeded uniform-noise pattern")
         parser.add_argument('--pattern_seed', type=nonnegative_int, default=0,
                             help='seed of the uniform-noise pattern (independent of random_seed)')
 

@@ -66,8 +66,19 @@ def sig_reference(images, delta, f):
 
 
 # --------------------------------------------------------------------------- Blended
+def test_blended_default_trigger_is_the_shipped_natural_image(cifar):
+    from PIL import Image
+    attack, _ = configured('blended')
+    with Image.open(REPO / 'config/attack/blended/chelsea_64.png') as image:
+        expected = torch.from_numpy(np.asarray(image.convert('RGB').resize((32, 32), Image.NEAREST))).permute(2, 0, 1)
+    assert torch.equal(attack.pattern, expected) and attack.pattern.float().std() > 20
+    images = cifar[1].images[:32]
+    np.testing.assert_array_equal(attack.apply_trigger(images, train=False).numpy(),
+                                  blended_reference(images, attack.pattern, 0.2))
+
+
 def test_blended_pixels_equal_formula(cifar):
-    attack, args = configured('blended')
+    attack, args = configured('blended', '--attack_trigger_img_path', '')
     assert attack.train_alpha == attack.test_alpha == 0.2 and attack.pattern.dtype == torch.uint8
     images = cifar[0].images[:256]
     out = attack.apply_trigger(images, train=False)
@@ -76,8 +87,8 @@ def test_blended_pixels_equal_formula(cifar):
     # the default pattern: uniform noise over 0..255, from pattern_seed alone
     pattern = attack.pattern.float()
     assert attack.pattern.min() == 0 and attack.pattern.max() == 255 and abs(pattern.mean() - 127.5) < 3
-    same, _ = configured('blended', '--random_seed', 7)
-    other, _ = configured('blended', '--pattern_seed', 1)
+    same, _ = configured('blended', '--attack_trigger_img_path', '', '--random_seed', 7)
+    other, _ = configured('blended', '--attack_trigger_img_path', '', '--pattern_seed', 1)
     assert torch.equal(same.pattern, attack.pattern) and not torch.equal(other.pattern, attack.pattern)
 
 
