@@ -216,7 +216,7 @@ def test_rank_only_writes_scores_without_a_model_into_its_own_folder(badnet_reco
     assert (out / 'channel_scores.csv').exists() and (out / 'summary.json').exists()
     assert not (out / 'defense_result.pt').exists()
     after = snapshot(defenses)
-    assert {k: v for k, v in after.items() if not k.startswith('rank_sweep')} == before  # other runs untouched
+    assert {k: v for k, v in after.items() if not k.lstrip('.').startswith('rank_sweep')} == before  # other runs untouched
 
 
 @pytest.mark.parametrize('extra, message', [
@@ -229,7 +229,7 @@ def test_bad_fmp_options_fail_cleanly(badnet_record, extra, message):
     folder = badnet_record / 'badnet_small'
     before = snapshot(folder)
     result = run('./defense/feature.py', '--yaml_path', './config/defense/feature/cifar10.yaml', '--result_file',
-                 'badnet_small', '--dataset_path', CIFAR, *extra, record_root=badnet_record)
+                 'badnet_small', '--dataset_path', CIFAR, '--save_folder_name', 'bad_input', *extra, record_root=badnet_record)
     assert result.returncode == 2
     lines = error_lines(result)
     assert len(lines) == 1 and ONE_LINE_ERROR.match(lines[0]) and message in lines[0], result.stderr

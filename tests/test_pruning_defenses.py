@@ -220,7 +220,7 @@ def test_each_defense_runs_and_writes_the_shared_record(badnet_record, name):
 ])
 def test_bad_input_is_one_line_and_writes_nothing(badnet_record, name, extra, message):
     before = snapshot(badnet_record / 'badnet_small')
-    result = run_defense_script(name, badnet_record, *extra)
+    result = run_defense_script(name, badnet_record, '--save_folder_name', 'bad_input', *extra)
     lines = [line for line in result.stderr.strip().splitlines() if not line.startswith('warning:')]
     assert result.returncode == 2 and len(lines) == 1 and ONE_LINE_ERROR.match(lines[0]) and message in lines[0], result.stderr
     assert snapshot(badnet_record / 'badnet_small') == before
