@@ -2,7 +2,7 @@
 
 For every attack record given, on the same ranking and the same clean data:
 
-1. pruning alone (cheap, the whole grid): select {FMP's lowest scores, random maps at FMP's
+1. pruning alone (cheap, the whole grid; on 2,000 clean test images and their poisoned versions): select {FMP's lowest scores, random maps at FMP's
    per-layer counts (3 seeds), the maps the trigger excites most (``oracle_trigger``, a ceiling
    that looks at the trigger)} x amount {1/64 with at least 1 per layer, 1/16, 1/8} x pairing
    {graph, module order}; plus the release's other choices (BN bias kept, ranking on augmented
@@ -37,7 +37,7 @@ import torch
 
 from utils import REPO_ROOT
 from utils.config import resolve_device, run_main
-from utils.data import load_splits
+from utils.data import class_balanced_subset, load_splits
 from utils.defense import run_defense
 from utils.evaluate import evaluate
 from utils.fmp import PruneAmount, fmp_flags, random_channels
@@ -84,36 +84,71 @@ class Results:
 
 
 def ranking(record_name, args, **options):
-    """FMP's ranking and trigger lift for a record, exactly as the defense computes them."""
+    """FMP's ranking and trigger lift for a record, exactly as the defense computes them (a scratch
+    folder per set of options, replaced on every call)."""
+    suffix = '_'.join(f'{k}-{v}' for k, v in sorted(options.items())).replace('.', 'p') or 'default'
     config = {'yaml_path': str(FEATURE_YAML), 'result_file': record_name, 'record_root': args.record_root,
-              'device': args.device, 'rank_only': True, 'save_folder_name': 'ablation_rank'} | options
+              'device': args.device, 'rank_only': True, 'save_folder_name': f'ablation_rank_{suffix}',
+              'overwrite': True} | options
     return run_defense('feature', config)
+
+
+def evaluation_sets(record, args):
+    """The record's clean test split and poisoned test inputs; with ``--eval_images N`` a seeded,
+    class-balanced subset of N clean test images and the poisoned versions of those images."""
+    config = record['attack_config']
+    _, test = load_splits(record['dataset'], config['dataset_path'], config.get('train_fraction', 1.0),
+                          config.get('test_fraction', 1.0), config['random_seed'])
+    bd_test = PoisonedSet.from_record(record['bd_test'])
+    if args.eval_images and args.eval_images < len(test):
+        chosen = class_balanced_subset(test.labels, args.eval_images / len(test), seed=12345)
+        keep = torch.isin(bd_test.index, chosen)
+        test = test.subset(chosen)
+        bd_test = PoisonedSet(bd_test.index[keep], bd_test.images[keep], bd_test.original_labels[keep],
+                              bd_test.backdoor_labels[keep])
+    return test, bd_test
+
+
+def pairing_groups(targets) -> dict[str, tuple[frozenset, frozenset]]:
+    """Per flag list: the ids of the convs and BatchNorms it zeroes."""
+    groups: dict[str, tuple[set, set]] = {}
+    for t in targets:
+        convs, bns = groups.setdefault(t.name, (set(), set()))
+        convs.add(id(t.conv))
+        if t.bn is not None:
+            bns.add(id(t.bn))
+    return {name: (frozenset(c), frozenset(b)) for name, (c, b) in groups.items()}
 
 
 def pruning_alone(record_name, args, results):
     record = load_attack_record(record_folder(args.record_root, record_name))
     config = record['attack_config']
     device = resolve_device(args.device)
-    _, test = load_splits(record['dataset'], config['dataset_path'], config.get('train_fraction', 1.0),
-                          config.get('test_fraction', 1.0), config['random_seed'])
-    bd_test = PoisonedSet.from_record(record['bd_test'])
+    test, bd_test = evaluation_sets(record, args)
     base = dict(record=record_name, attack=record['attack'], train_seed=config['random_seed'], stage='prune')
     ranked = ranking(record_name, args)
     scores, lift = ranked['channel_scores'], ranked['trigger_lift']
     augmented = ranking(record_name, args, rank_augment=True)['channel_scores']
     widths = {name: len(s) for name, s in scores.items()}
+    probe = load_record_model(record)
+    probe_layers = conv_layers(probe, tuple(record['input_shape']))
+    same_pairing = pairing_groups(probe_layers) == pairing_groups(module_order_targets(probe, probe_layers))
+    measured = {}
 
     def measure(flags, oracle, pairing='graph', zero_bn_bias=True, **row):
         row = base | {'pairing': pairing} | row
+        key = (tuple((n, tuple(f.tolist())) for n, f in sorted(flags.items())), zero_bn_bias,
+               pairing if not same_pairing else 'graph')
         if results.has(**row):
             return
         started = time.time()
-        model = load_record_model(record).to(device)
-        layers = conv_layers(model, tuple(record['input_shape']))
-        prune_channels(layers if pairing == 'graph' else module_order_targets(model, layers), flags, zero_bn_bias)
-        metrics = evaluate(model, test, bd_test, device)
+        if key not in measured:   # module order pairs as the graph does on this model: the same pruned weights
+            model = load_record_model(record).to(device)
+            layers = conv_layers(model, tuple(record['input_shape']))
+            prune_channels(layers if pairing == 'graph' else module_order_targets(model, layers), flags, zero_bn_bias)
+            measured[key] = evaluate(model, test, bd_test, device)
         results.add(**row, maps=sum(len(f) for f in flags.values()), with_oracle=shared(flags, oracle),
-                    **metrics, seconds=round(time.time() - started, 1))
+                    **measured[key], seconds=round(time.time() - started, 1))
 
     for label, amount in AMOUNTS.items():
         fmp = fmp_flags(scores, amount)
@@ -143,10 +178,7 @@ VARIANT_AMOUNTS = ('1/16', '1/8')
 
 def record_setup(record_name, args):
     record = load_attack_record(record_folder(args.record_root, record_name))
-    config = record['attack_config']
-    _, test = load_splits(record['dataset'], config['dataset_path'], config.get('train_fraction', 1.0),
-                          config.get('test_fraction', 1.0), config['random_seed'])
-    return record, test, PoisonedSet.from_record(record['bd_test'])
+    return (record, *evaluation_sets(record, args))
 
 
 def prune_and_evaluate(record, flags, test, bd_test, device, pairing='graph', zero_bn_bias=True):
@@ -256,7 +288,8 @@ def after_finetuning(record_name, args, results):
         folder = f"ablation_{select}{seed}_{label.replace('/', '_').replace(' ', '_')}" if label else 'ablation_ft'
         started = time.time()
         defense = 'ft' if select == 'ft' else 'feature'
-        result = run_defense(defense, common | options | {'save_folder_name': folder})
+        out = record_folder(args.record_root, record_name) / 'defense' / folder
+        result = run_defense(defense, common | options | {'save_folder_name': folder, 'resume': out.exists()})
         overlap = result.get('overlap', {})
         results.add(**row, maps=overlap.get('total', 0), with_oracle=overlap.get('with_oracle', ''),
                     **{k: result['metrics'][k] for k in ('acc', 'asr', 'ra')}, seconds=round(time.time() - started, 1))
@@ -348,6 +381,9 @@ def main(argv=None):
     parser.add_argument('--stage', default='all', choices=('prune', 'finetune', 'variants', 'analysis', 'all', 'report'),
                         help='all: prune and finetune (variants and analysis run on request)')
     parser.add_argument('--device', default='auto')
+    parser.add_argument('--eval_images', type=int, default=2000,
+                        help='pruning-alone figures on a seeded, class-balanced subset of this many clean test images and '
+                             'their poisoned versions (0: the whole test set); fine-tuned figures always use the whole set')
     parser.add_argument('--merge', nargs='*', default=[], help='with --stage report: folders whose results.csv join the report')
     args = parser.parse_args(argv)
     out = Path(args.out)
