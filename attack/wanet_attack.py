@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from utils import UserError
 from utils.attack import Attack, register_attack
 from utils.config import nonnegative_float, nonnegative_int, positive_float, positive_int, run_main
-from utils.poison import backdoor_labels
+from utils.poison import backdoor_labels, poisoned_count
 
 CHUNK = 1024  # images per grid_sample call when warping a whole split
 
@@ -124,11 +124,7 @@ class WaNet(Attack):
 
     def plan(self, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions (CPU int64) of the poisoned and of the noise-mode samples in a batch of ``batch``."""
-        expected = self.pratio * batch
-        if expected >= 1:
-            num_bd = int(expected)
-        else:
-            num_bd = int(expected > 0 and torch.rand(1, generator=generator).item() < expected)
+        num_bd = poisoned_count(self.pratio, batch, generator)
         num_cross = min(int(num_bd * self.cross_ratio), batch - num_bd)
         if num_bd + num_cross == 0:
             empty = torch.empty(0, dtype=torch.int64)

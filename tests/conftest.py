@@ -105,6 +105,22 @@ def cifar10(cifar10_dir):
 
 
 @pytest.fixture
+def cached_cifar(monkeypatch, cifar10):
+    """In-process entry points read the session's CIFAR-10 copy from memory instead of disk."""
+    import utils.data
+    monkeypatch.setattr(utils.data, 'load_dataset', lambda name, path: cifar10)
+
+
+def tiny_attack(name, root, save_as=None, **options):
+    """``run_attack(name, ...)`` in-process with the attack's CIFAR-10 YAML on an MLP, one epoch, 2% of the data."""
+    from utils.attack import run_attack
+    config = {'yaml_path': str(REPO_ROOT / 'config' / 'attack' / name / 'cifar10.yaml'), 'dataset_path': str(CIFAR10_DIR),
+              'model': 'mlp', 'epochs': 1, 'train_fraction': 0.02, 'test_fraction': 0.02, 'batch_size': 64,
+              'record_root': str(root), 'device': 'cpu', 'save_folder_name': save_as or name}
+    return run_attack(name, config | options)
+
+
+@pytest.fixture
 def reload_splits(monkeypatch, cifar10, cifar10_dir):
     """``utils.data.load_splits`` as a defense calls it, over the session's copy of CIFAR-10
     (the disk read is cached; the subset logic is the library's own)."""

@@ -12,7 +12,7 @@ import utils.attack
 import utils.data
 from attack.badnet_attack import BadNet
 from attack.wanet_attack import warp
-from conftest import CIFAR10_DIR, REPO_ROOT
+from conftest import CIFAR10_DIR, REPO_ROOT, tiny_attack
 from utils import UserError
 from utils.attack import Attack, run_attack
 from utils.defense import Defense, DefenseResult, register_defense, run_defense
@@ -20,23 +20,10 @@ from utils.record import ATTACK_RESULT, DEFENSE_RESULT, load_torch, save_torch
 from utils.registry import ATTACKS, DEFENSES, register_attack
 
 
-@pytest.fixture
-def cached_cifar(monkeypatch, cifar10):
-    """Entry points read the session's CIFAR-10 copy from memory instead of disk."""
-    monkeypatch.setattr(utils.data, 'load_dataset', lambda name, path: cifar10)
-
-
-def tiny_attack(name, root, save_as=None, **options):
-    config = {'yaml_path': str(REPO_ROOT / 'config' / 'attack' / name / 'cifar10.yaml'), 'dataset_path': str(CIFAR10_DIR),
-              'model': 'mlp', 'epochs': 1, 'train_fraction': 0.02, 'test_fraction': 0.02, 'batch_size': 64,
-              'record_root': str(root), 'device': 'cpu', 'save_folder_name': save_as or name}
-    return run_attack(name, config | options)
-
-
 # --------------------------------------------------------------------------- registries and entry points
 def test_registries_list_every_method_by_its_file():
-    assert {'badnet', 'blended', 'sig', 'wanet'} <= set(ATTACKS.names())
-    assert {'feature', 'ft'} <= set(DEFENSES.names())
+    assert {'badnet', 'blended', 'sig', 'wanet', 'lf', 'ssba', 'inputaware', 'lira', 'lc', 'trojannn'} <= set(ATTACKS.names())
+    assert {'feature', 'ft', 'fp', 'anp', 'clp', 'bnp', 'rnp'} <= set(DEFENSES.names())
     assert ATTACKS.get('badnet') is BadNet
     assert DEFENSES.script('ft') == REPO_ROOT / 'defense' / 'ft' / 'ft.py'
     with pytest.raises(UserError, match="unknown attack 'nope'.*badnet"):

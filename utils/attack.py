@@ -55,6 +55,7 @@ class AttackContext:
         self.train, self.test, self.model, self.folder, self.log = train, test, model, folder, log
         self.bd_test: Optional[PoisonedSet] = None
         self._clean_model: Optional[nn.Module] = None
+        self._clean_digest: Optional[str] = None
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """ACC/ASR/RA of ``model``; for a learned trigger, on test inputs poisoned by its current state."""
@@ -97,7 +98,13 @@ class AttackContext:
                                                'resume': (folder / CHECKPOINT).exists()})
             record = load_clean_record(self.args, name)
             self._clean_model = load_record_model(record).to(self.device).eval()
+            self._clean_digest = sha256_file(folder / ATTACK_RESULT)
         return self._clean_model
+
+    def clean_model_digest(self) -> str:
+        """The SHA-256 of the clean model's record: what identifies it in an artefact's inputs."""
+        self.clean_model()
+        return self._clean_digest
 
 
 def clean_model_name(args) -> str:
@@ -184,17 +191,20 @@ class Attack:
                      log=ctx.log, desc=self.name)
 
     # ---- shared behaviour
-    def poison_train(self, train: Split, args, spec: DatasetSpec) -> PoisonedSet:
-        """Seeded choice of ``pratio`` of the training set, triggered and relabelled (clean-label
-        attacks: ``pratio`` of the target class, labels kept). For ``per_batch`` attacks this is a
-        seeded realisation of what one epoch poisons, recorded for defenses; training poisons anew."""
+    def training_poison_index(self, train: Split, args) -> torch.Tensor:
+        """The seeded choice of training images to poison: ``pratio`` of the training set among the
+        images not of the target class (clean-label attacks: ``pratio`` of the target class)."""
         if self.clean_label:
             candidates = torch.nonzero(train.labels == args.attack_target).flatten()
-            count_base = candidates
-        else:
-            candidates = candidate_index(train.labels, args.attack_target, args.attack_label_trans)
-            count_base = train.labels
-        index = choose_poison_index(count_base, args.pratio, candidates, args.random_seed)
+            return choose_poison_index(candidates, args.pratio, candidates, args.random_seed)
+        candidates = candidate_index(train.labels, args.attack_target, args.attack_label_trans)
+        return choose_poison_index(train.labels, args.pratio, candidates, args.random_seed)
+
+    def poison_train(self, train: Split, args, spec: DatasetSpec) -> PoisonedSet:
+        """:meth:`training_poison_index`, triggered and relabelled (clean-label attacks keep the
+        labels). For ``per_batch`` attacks this is a seeded realisation of what one epoch poisons,
+        recorded for defenses; training poisons anew."""
+        index = self.training_poison_index(train, args)
         original = train.labels[index]
         target = original.clone() if self.clean_label else backdoor_labels(
             original, args.attack_target, args.attack_label_trans, spec.num_classes)

@@ -74,3 +74,12 @@ def poisoned_training_split(clean: Split, poisoned: PoisonedSet) -> Split:
     images[poisoned.index] = poisoned.images
     labels[poisoned.index] = poisoned.backdoor_labels
     return Split(images, labels)
+
+
+def poisoned_count(pratio: float, batch: int, generator: torch.Generator) -> int:
+    """Backdoor samples in a batch: ``int(pratio * batch)``; below one per batch, one with probability
+    ``pratio * batch`` (BackdoorBench's extension to low ratios)."""
+    expected = pratio * batch
+    if expected >= 1:
+        return int(expected)
+    return int(expected > 0 and torch.rand(1, generator=generator).item() < expected)

@@ -106,6 +106,37 @@ def make_optimizer(params: Iterable, settings: TrainSettings) -> torch.optim.Opt
     return torch.optim.SGD(params, lr=settings.lr, momentum=settings.sgd_momentum, weight_decay=settings.wd)
 
 
+class CombinedOptimizer(torch.optim.Optimizer):
+    """Several optimizers stepped, scheduled and checkpointed as one (the classifier's SGD beside a
+    generator's Adam), so the one training loop serves joint training. The loop's learning-rate
+    schedule scales every group of every part."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer):
+        # no super().__init__: it would copy the groups, and the parts' own groups must be the ones scheduled
+        self.optimizers = optimizers
+        self.defaults = {}
+        self.state = {}
+
+    @property
+    def param_groups(self):
+        return [group for optimizer in self.optimizers for group in optimizer.param_groups]
+
+    def step(self, closure=None):
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+    def zero_grad(self, set_to_none: bool = True):
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return {'optimizers': [optimizer.state_dict() for optimizer in self.optimizers]}
+
+    def load_state_dict(self, state_dict):
+        for optimizer, state in zip(self.optimizers, state_dict['optimizers'], strict=True):
+            optimizer.load_state_dict(state)
+
+
 def _scheduler(optimizer, settings: TrainSettings):
     if settings.lr_scheduler == 'CosineAnnealingLR':
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, settings.epochs), eta_min=settings.min_lr)
