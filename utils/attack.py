@@ -25,11 +25,11 @@ from .data import DATASETS, DatasetSpec, Split, dataset_spec, load_splits
 from .evaluate import evaluate
 from .poison import (LABEL_TRANSFORMS, PoisonedSet, backdoor_labels, candidate_index, check_attack_labels,
                      choose_poison_index, poisoned_training_split)
-from .record import (ATTACK_RESULT, Log, atomic_write, load_attack_record, load_record_model, load_torch,
-                     metrics_table, record_folder, save_json, save_torch, save_yaml)
+from .record import (ATTACK_RESULT, Log, atomic_write, code_version, load_attack_record, load_record_model,
+                     load_torch, metrics_table, record_folder, save_json, save_torch, save_yaml)
 from .registry import ATTACKS, register_attack  # noqa: F401  (register_attack: for attack modules)
 from .runs import RunFolder, check_record_root, identity_of, sha256_file
-from .train import CHECKPOINT, BatchHook, TrainSettings, add_training_arguments, train
+from .train import CHECKPOINT, BatchHook, TrainSettings, add_training_arguments, estimated_seconds, train
 
 # the options that determine a clean reference model (a clean record is reused when they match)
 CLEAN_RECIPE = ('dataset', 'model', 'train_fraction', 'test_fraction', 'random_seed', 'epochs', 'batch_size', 'lr',
@@ -300,6 +300,7 @@ class Attack:
             f'{len(bd_test)} poisoned test samples, device {device}')
 
         data = train_split if self.per_batch else poisoned_training_split(train_split, bd_train)
+        self.warn_if_long(args, model, data, settings, device, log)
         rows = self.train_model(ctx, model, data, settings)
         if self.learned_trigger:   # the trigger the model was trained with is the final one
             bd_train = self.poison_train(train_split, args, spec)
@@ -316,11 +317,27 @@ class Attack:
         summary = {'attack': self.name, 'dataset': args.dataset, 'model': args.model, 'epochs': settings.epochs,
                    'metrics': metrics, 'train_seconds': sum(r['seconds'] for r in rows),
                    'seconds_per_epoch': (sum(r['seconds'] for r in rows) / len(rows)) if rows else None,
-                   'wall_seconds': round(time.time() - started, 2), 'sha256': sha256_file(work / ATTACK_RESULT)}
+                   'wall_seconds': round(time.time() - started, 2), 'sha256': sha256_file(work / ATTACK_RESULT),
+                   'commit': code_version()}
         save_json(summary, work / 'summary.json')
+        from .report import plot_curves   # pandas and matplotlib load only here
+        plot_curves(work / 'metrics.csv', work / 'curves.png', f'{args.save_folder_name}: {self.name} training')
         log(f'saved {run.folder / ATTACK_RESULT}\n' + metrics_table({f'{self.name} pratio={args.pratio:g} ({args.model})': metrics}))
         run.commit()
         return result
+
+    LONG_ON_CPU = 2 * 3600   # seconds of training above which a CPU run is warned about
+
+    def warn_if_long(self, args, model, data, settings, device, log) -> None:
+        """A GPU recipe started on a CPU says at once how long it will take, and what runs on a CPU."""
+        if device.type != 'cpu' or args.resume:
+            return
+        seconds = estimated_seconds(model, data, settings, device)
+        if seconds > self.LONG_ON_CPU:
+            log(f'warning: training {args.model} for {settings.epochs} epochs on this CPU takes about '
+                f'{seconds / 3600:.0f} hours ({seconds / settings.epochs / 60:.0f} minutes an epoch, timed on the first '
+                f'batches; evaluation not included). The CPU recipe: --model resnet20 --epochs 8 --lr 0.1 '
+                f'--lr_scheduler CosineAnnealingLR (README, "On a CPU")')
 
     def save_preview(self, test: Split, path: Path, count: int = 8) -> None:
         """A PNG grid: clean test images (top row) above their poisoned versions (middle row) and,

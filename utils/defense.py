@@ -25,8 +25,8 @@ from .data import DATASETS, Split, class_balanced_subset, dataset_spec, load_spl
 from .evaluate import defense_effectiveness_rating, detection_metrics, evaluate
 from .poison import PoisonedSet, poisoned_training_split
 from .pruning import above_mean_plus, highest_channels, prune_channels, trigger_lift
-from .record import (DEFENSE_RESULT, Log, load_attack_record, load_record_model, metrics_table, record_folder,
-                     save_csv, save_json, save_torch, save_yaml)
+from .record import (DEFENSE_RESULT, Log, code_version, load_attack_record, load_record_model, metrics_table,
+                     record_folder, save_csv, save_json, save_torch, save_yaml)
 from .registry import DEFENSES, register_defense  # noqa: F401  (register_defense: for defense modules)
 from .runs import RunFolder, check_record_hash, check_record_root, identity_of, sha256_file
 from .train import TrainSettings, add_training_arguments, train
@@ -245,7 +245,7 @@ class Defense:
         before = ctx.evaluate()
         outcome = self.defend(ctx)
         summary = {'defense': self.name, 'record': source.name, 'attack_record_sha256': parent_sha256,
-                   'before': before} | outcome.summary
+                   'commit': code_version(), 'before': before} | outcome.summary
         result = {'model_name': record['model_name'], 'num_classes': record['num_classes'],
                   'input_shape': record['input_shape'], 'dataset': record['dataset'], 'attack': record['attack'],
                   'defense': self.name, 'defense_config': config, 'metrics_before': before} | outcome.data
@@ -269,6 +269,8 @@ class Defense:
         else:
             save_torch(result, work / DEFENSE_RESULT)
             save_json(summary | {'sha256': sha256_file(work / DEFENSE_RESULT)}, work / 'summary.json')
+            from .report import plot_curves   # pandas and matplotlib load only here
+            plot_curves(work / 'metrics.csv', work / 'curves.png', f'{source.name}: {self.name} fine-tuning')
             log(f'saved {run.folder / DEFENSE_RESULT} ({seconds:.1f} s)\n{metrics_table(rows)}')
         run.commit()
         return result

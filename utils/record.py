@@ -179,6 +179,20 @@ def load_record_model(record: dict):
     return model
 
 
+def code_version() -> str:
+    """The repository's commit (with ``+changes`` when the working tree differs), or 'unknown'."""
+    import subprocess
+    from . import REPO_ROOT
+    try:
+        commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=REPO_ROOT, capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return 'unknown'
+    return (commit + ('+changes' if dirty else '')) if commit else 'unknown'
+
+
 def metrics_table(rows: dict[str, dict[str, float]]) -> str:
     """A small fixed-width table: one row per stage, columns ACC, ASR, RA (and DER), in percent."""
     columns = [c for c in ('acc', 'asr', 'ra', 'der') if any(c in r for r in rows.values())]

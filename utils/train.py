@@ -156,6 +156,22 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 100_003 + epoch)
 
 
+def estimated_seconds(model: nn.Module, data: Split, settings: TrainSettings, device: torch.device, batches: int = 2) -> float:
+    """Seconds the recipe's training would take, from a timed forward and backward of ``batches``
+    batches on a copy of ``model`` (its weights, the global random state and the data are left alone)."""
+    import copy
+    twin = copy.deepcopy(model).to(device).train()
+    size = min(settings.batch_size, len(data))
+    x = to_float(data.images[:size]).to(device)
+    y = data.labels[:size].to(device)
+    F.cross_entropy(twin(x), y).backward()              # warm-up, not timed
+    started = time.perf_counter()
+    for _ in range(batches):
+        F.cross_entropy(twin(x), y).backward()
+    per_batch = (time.perf_counter() - started) / batches
+    return per_batch * math.ceil(len(data) / settings.batch_size) * settings.epochs
+
+
 def train(model: nn.Module, data: Split, settings: TrainSettings, device: torch.device, *,
           optimizer: Union[torch.optim.Optimizer, Iterable, None] = None, loss_fn: Optional[LossFn] = None,
           phase: Optional[str] = None, state_modules: Optional[dict[str, nn.Module]] = None,

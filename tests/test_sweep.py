@@ -1,0 +1,156 @@
+"""The sweep runner: a small grid runs, is killed midway and resumed, and its results hold exactly the
+expected rows; submitit's local executor runs the same grid; bad sweeps are refused before anything
+runs; a record that no longer verifies is rerun; the report rebuilds from the records alone."""
+from __future__ import annotations
+
+import csv
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import CIFAR10_DIR, ONE_LINE_ERROR, REPO_ROOT, describe, script_env
+
+# 2 attacks x 2 defenses x 2 settings on a tiny MLP: 2 attack steps and 8 defense steps
+SMALL = {
+    'name': 'small',
+    'datasets': ['cifar10'], 'models': ['mlp'], 'seeds': [0],
+    'recipe': {'epochs': 1, 'train_fraction': 0.01, 'test_fraction': 0.01, 'batch_size': 64, 'augment': False,
+               'device': 'cpu', 'dataset_path': str(CIFAR10_DIR)},
+    'defense_recipe': {'epochs': 1, 'ratio': 0.5, 'device': 'cpu'},
+    'attacks': {'badnet': {}, 'blended': {'attack_trigger_img_path': ''}},
+    'defenses': {'ft': {'lr': [0.01, 0.02]}, 'fp': {'acc_ratio': [0.1, 0.3]}},
+    'workers': 2,
+}
+EXPECTED_FOLDERS = {'ft_lr-0p01', 'ft_lr-0p02', 'fp_acc_ratio-0p1', 'fp_acc_ratio-0p3'}
+
+
+def write_sweep(folder: Path, **changes) -> Path:
+    path = folder / 'sweep.yaml'
+    path.write_text(yaml.safe_dump(SMALL | changes))
+    return path
+
+
+def sweep(yaml_path, root, *extra, wait=True):
+    command = [sys.executable, 'sweep.py', '--yaml_path', str(yaml_path), '--record_root', str(root), *map(str, extra)]
+    if not wait:
+        return subprocess.Popen(command, cwd=REPO_ROOT, env=script_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    return subprocess.run(command, cwd=REPO_ROOT, env=script_env(), capture_output=True, text=True, timeout=600)
+
+
+def results(root, name='small'):
+    with open(root / 'sweeps' / name / 'results.csv') as handle:
+        return list(csv.DictReader(handle))
+
+
+def check_results(root):
+    rows = results(root)
+    assert len(rows) == 2 + 2 * 4, rows
+    keys = sorted((r['record'], r['defense'], r['setting']) for r in rows)
+    assert len(set(keys)) == len(keys)
+    for record in ('badnet_cifar10_mlp_s0', 'blended_cifar10_mlp_s0'):
+        mine = [r for r in rows if r['record'] == record]
+        assert sorted(r['defense'] for r in mine) == ['fp', 'fp', 'ft', 'ft', 'none']
+        assert {json.loads(r['setting'])['lr'] for r in mine if r['defense'] == 'ft'} == {0.01, 0.02}
+        assert all(0 <= float(r['acc']) <= 1 for r in mine)
+        assert sorted(p.name for p in (root / record / 'defense').iterdir() if not p.name.startswith('.')) == \
+            sorted(EXPECTED_FOLDERS)
+    table = (root / 'sweeps' / 'small' / 'results.md').read_text()
+    assert '### badnet' in table and '### blended' in table
+    for plot in ('acc_vs_asr.png', 'bars.png', 'curves_badnet_cifar10_mlp_s0.png'):
+        assert (root / 'sweeps' / 'small' / plot).stat().st_size > 1000, plot
+
+
+def test_a_sweep_killed_midway_resumes_and_reports_exactly_the_expected_rows(tmp_path):
+    path = write_sweep(tmp_path)
+    root = tmp_path / 'record'
+    running = sweep(path, root, wait=False)
+    deadline = time.time() + 300
+    while not list(root.glob('*/defense/*/defense_result.pt')):     # an attack and a defense have finished
+        assert running.poll() is None, running.communicate()
+        assert time.time() < deadline
+        time.sleep(0.3)
+    running.send_signal(signal.SIGKILL)
+    running.communicate()
+    finished_before = {p.parent.name for p in root.glob('*/defense/*/defense_result.pt')}
+    stamps = {p: p.stat().st_mtime_ns for p in root.glob('*/defense/*/defense_result.pt')}
+    resumed = sweep(path, root)
+    assert resumed.returncode == 0, describe(resumed)
+    assert '10 of 10 steps done' in resumed.stdout
+    assert all(p.stat().st_mtime_ns == stamp for p, stamp in stamps.items()), 'finished steps were rerun'
+    assert finished_before <= {p.parent.name for p in root.glob('*/defense/*/defense_result.pt')} == EXPECTED_FOLDERS
+    check_results(root)
+    # a third run has nothing left to do
+    again = sweep(path, root)
+    assert again.returncode == 0 and '10 of 10 steps done' in again.stdout
+    # the report rebuilds from the records alone
+    (root / 'sweeps' / 'small' / 'results.csv').unlink()
+    rebuilt = subprocess.run([sys.executable, '-m', 'utils.report', str(root / 'sweeps' / 'small')], cwd=REPO_ROOT,
+                             env=script_env(), capture_output=True, text=True, timeout=300)
+    assert rebuilt.returncode == 0, describe(rebuilt)
+    check_results(root)
+
+
+def test_the_submitit_local_executor_runs_the_same_sweep(tmp_path):
+    path = write_sweep(tmp_path)
+    root = tmp_path / 'record'
+    proc = sweep(path, root, '--launcher', 'local')
+    assert proc.returncode == 0, describe(proc)
+    check_results(root)
+    assert list((root / 'sweeps' / 'small' / 'logs' / 'submitit').glob('*_result.pkl'))
+
+
+def test_a_record_that_no_longer_verifies_is_rerun_with_its_defenses(tmp_path):
+    path = write_sweep(tmp_path, attacks={'badnet': {}}, defenses={'ft': {}})
+    root = tmp_path / 'record'
+    assert sweep(path, root).returncode == 0
+    record = root / 'badnet_cifar10_mlp_s0' / 'attack_result.pt'
+    tampered = torch.load(record, weights_only=True)
+    tampered['metrics']['asr'] = 0.0
+    torch.save(tampered, record)
+    proc = sweep(path, root)
+    assert proc.returncode == 0, describe(proc)
+    from utils.runs import check_record_hash
+    check_record_hash(record.parent)                 # consistent again: the attack was rerun
+    assert (root / 'badnet_cifar10_mlp_s0' / 'defense' / 'ft' / 'defense_result.pt').exists()
+
+
+@pytest.mark.parametrize('change, message', [
+    ({'attacks': {'badnett': {}}}, "unknown attack 'badnett'"),
+    ({'defenses': {'fmp': {}}}, "unknown defense 'fmp'"),
+    ({'models': ['resnet21']}, "unknown model 'resnet21'"),
+    ({'datasets': ['imagenet']}, "unknown dataset 'imagenet'"),
+    ({'defenses': {'ft': {'lr': -1}}}, 'lr'),
+    ({'attacks': {'badnet': {'patch_sise': 3}}}, "unknown key 'patch_sise'"),
+    ({'colour': 'blue'}, "unknown key 'colour'"),
+])
+def test_a_bad_sweep_is_refused_before_anything_runs(tmp_path, change, message):
+    path = write_sweep(tmp_path, **change)
+    root = tmp_path / 'record'
+    proc = sweep(path, root)
+    lines = [line for line in proc.stderr.strip().splitlines() if not line.startswith('warning:')]
+    assert proc.returncode == 2 and len(lines) == 1 and ONE_LINE_ERROR.match(lines[0]), describe(proc)
+    assert message in lines[0]
+    assert not root.exists()
+
+
+def test_two_sweeps_of_one_name_do_not_collide(tmp_path):
+    path = write_sweep(tmp_path, recipe=SMALL['recipe'] | {'epochs': 30})
+    root = tmp_path / 'record'
+    first = sweep(path, root, wait=False)
+    deadline = time.time() + 120
+    while not (root / 'sweeps' / 'small' / 'steps.json').exists():
+        assert first.poll() is None and time.time() < deadline
+        time.sleep(0.2)
+    second = sweep(path, root)
+    first.send_signal(signal.SIGKILL)
+    first.communicate()
+    lines = [line for line in second.stderr.strip().splitlines() if not line.startswith('warning:')]
+    assert second.returncode == 2 and len(lines) == 1 and 'in use by process' in lines[0], describe(second)

@@ -1,0 +1,266 @@
+"""Result tables and plots, rebuilt from records alone.
+
+    python -m utils.report record/sweeps/demo_cpu        # a sweep's folder (its steps.json)
+    python -m utils.report record                         # every record under a folder
+
+writes ``results.csv`` (one row per record x defense x setting: ACC, ASR, RA, DER, seconds, seed,
+commit), ``results.md`` (mean ± std over seeds; per attack, the lowest ASR among the defenses that
+keep ACC within 2 points of the undefended model is marked) and the plots: ``acc_vs_asr.png`` (every
+defense per attack: the trade-off), ``bars.png`` (ACC/ASR/RA per defense), ``fmp_scores_<record>.png``
+(FMP's per-layer channel scores, pruned channels marked) and ``curves_<record>.png`` (ACC/ASR per
+training epoch)."""
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import pandas as pd
+
+from .record import ATTACK_RESULT, DEFENSE_RESULT, save_text
+
+ACC_TOLERANCE = 0.02   # "keeps ACC": within 2 points of the undefended model
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _metrics(summary: dict, key: str) -> dict:
+    return summary.get(key) or {}
+
+
+def _row(record_folder: Path, defense: str, setting: Any, summary: dict, attack_summary: dict, config: dict) -> dict:
+    after = _metrics(summary, 'after') if defense != 'none' else _metrics(attack_summary, 'metrics')
+    return {'record': record_folder.name, 'dataset': attack_summary.get('dataset'), 'model': attack_summary.get('model'),
+            'attack': config.get('attack', attack_summary.get('attack')), 'seed': config.get('random_seed'),
+            'defense': defense, 'setting': json.dumps(setting, sort_keys=True) if setting else '',
+            'acc': after.get('acc'), 'asr': after.get('asr'), 'ra': after.get('ra'), 'der': after.get('der'),
+            'seconds': summary.get('seconds', attack_summary.get('wall_seconds')) if defense != 'none' else attack_summary.get('wall_seconds'),
+            'commit': summary.get('commit', attack_summary.get('commit', ''))}
+
+
+def collect(folder: Path, record_root: Optional[Path] = None) -> list[dict]:
+    """One row per finished attack record ('none') and per finished defense run under ``folder``
+    (a sweep folder: its steps; otherwise every record found below it)."""
+    import yaml
+    folder = Path(folder)
+    rows = []
+    steps_file = folder / 'steps.json'
+    if steps_file.exists():
+        root = Path(record_root) if record_root else folder.parents[1]
+        steps = _read_json(steps_file)['steps']
+        records = {s['record']: s for s in steps if s['kind'] == 'attack'}
+        runs = [(root / s['record'], s['folder'], s['labels'].get('defense', s['method']), s['labels'].get('setting'))
+                for s in steps if s['kind'] == 'defense']
+        record_folders = [root / name for name in records]
+        labels = {name: s['labels'].get('attack') for name, s in records.items()}
+    else:
+        record_folders = sorted(p.parent for p in folder.rglob(ATTACK_RESULT) if 'defense' not in p.parts[-3:])
+        runs = [(p.parents[2], p.parent.name, p.parent.name, None) for p in folder.rglob(DEFENSE_RESULT)]
+        labels = {}
+    for record in record_folders:
+        if not (record / ATTACK_RESULT).exists():
+            continue
+        attack_summary = _read_json(record / 'summary.json')
+        config = yaml.safe_load((record / 'config.yaml').read_text()) if (record / 'config.yaml').exists() else {}
+        if record.name in labels:
+            config['attack'] = labels[record.name]
+        rows.append(_row(record, 'none', None, {}, attack_summary, config))
+        for parent, name, label, setting in runs:
+            if parent != record or not (parent / 'defense' / name / DEFENSE_RESULT).exists():
+                continue
+            summary = _read_json(parent / 'defense' / name / 'summary.json')
+            rows.append(_row(record, label, setting, summary, attack_summary, config))
+    return rows
+
+
+def summarise(rows: list[dict]) -> pd.DataFrame:
+    """Mean and std over seeds per (dataset, model, attack, defense, setting), with the ``best`` mark."""
+    frame = pd.DataFrame(rows)
+    keys = ['dataset', 'model', 'attack', 'defense', 'setting']
+    grouped = frame.groupby(keys, dropna=False, sort=False)
+    table = grouped[['acc', 'asr', 'ra', 'der']].agg(['mean', 'std']).reset_index()
+    table.columns = [a if not b else f'{a}_{b}' for a, b in table.columns]
+    table['seeds'] = grouped.size().values
+    table['best'] = False
+    for _, group in table.groupby(['dataset', 'model', 'attack'], dropna=False, sort=False):
+        undefended = group[group['defense'] == 'none']['acc_mean']
+        if undefended.empty:
+            continue
+        keeps = group[(group['defense'] != 'none') & (group['acc_mean'] >= undefended.iloc[0] - ACC_TOLERANCE)]
+        if not keeps.empty:
+            table.loc[keeps['asr_mean'].idxmin(), 'best'] = True
+    return table
+
+
+def _cell(mean, std) -> str:
+    if pd.isna(mean):
+        return ''
+    return f'{100 * mean:.2f}' + (f' ± {100 * std:.2f}' if not pd.isna(std) else '')
+
+
+def markdown(table: pd.DataFrame) -> str:
+    lines = ['ACC, ASR and RA in percent (mean ± std over seeds), DER in [0, 1]. **Bold**: per attack, the lowest '
+             'ASR among the defenses that keep ACC within 2 points of the undefended model.', '']
+    for (dataset, model, attack), group in table.groupby(['dataset', 'model', 'attack'], dropna=False, sort=False):
+        lines += [f'### {attack} ({dataset}, {model})', '', '| defense | setting | seeds | ACC | ASR | RA | DER |',
+                  '|---|---|---|---|---|---|---|']
+        for _, r in group.iterrows():
+            asr = _cell(r['asr_mean'], r['asr_std'])
+            der = '' if pd.isna(r['der_mean']) else f"{r['der_mean']:.3f}"
+            lines.append(f"| {r['defense']} | {r['setting'] or ''} | {r['seeds']} | {_cell(r['acc_mean'], r['acc_std'])} | "
+                         f"{'**' + asr + '**' if r['best'] else asr} | {_cell(r['ra_mean'], r['ra_std'])} | {der} |")
+        lines.append('')
+    return '\n'.join(lines)
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_tradeoff(table: pd.DataFrame, path: Path) -> None:
+    """ACC against ASR of every defense, one panel per attack: the trade-off at a glance."""
+    plt = _pyplot()
+    groups = list(table.groupby(['dataset', 'model', 'attack'], dropna=False, sort=False))
+    if not groups:
+        return
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.8), squeeze=False)
+    for ax, ((dataset, model, attack), group) in zip(axes[0], groups):
+        for _, r in group.iterrows():
+            label = r['defense'] + (f" {r['setting']}" if r['setting'] else '')
+            marker = 'X' if r['defense'] == 'none' else 'o'
+            ax.scatter(100 * r['asr_mean'], 100 * r['acc_mean'], marker=marker, s=50)
+            ax.annotate(label, (100 * r['asr_mean'], 100 * r['acc_mean']), fontsize=7, xytext=(3, 3),
+                        textcoords='offset points')
+        ax.set_title(f'{attack} ({model})', fontsize=10)
+        ax.set_xlabel('ASR (%)')
+        ax.set_ylabel('ACC (%)')
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_bars(table: pd.DataFrame, path: Path) -> None:
+    """ACC, ASR and RA per defense as grouped bars, one panel per attack."""
+    plt = _pyplot()
+    groups = list(table.groupby(['dataset', 'model', 'attack'], dropna=False, sort=False))
+    if not groups:
+        return
+    fig, axes = plt.subplots(len(groups), 1, figsize=(max(6, 1.1 * max(len(g) for _, g in groups)), 3.2 * len(groups)),
+                             squeeze=False)
+    for ax, ((dataset, model, attack), group) in zip(axes[:, 0], groups):
+        names = [r['defense'] + (f"\n{r['setting']}" if r['setting'] else '') for _, r in group.iterrows()]
+        positions = range(len(names))
+        for offset, (metric, color) in zip((-0.27, 0, 0.27), (('acc', 'tab:blue'), ('asr', 'tab:red'), ('ra', 'tab:green'))):
+            ax.bar([p + offset for p in positions], 100 * group[f'{metric}_mean'], width=0.27, color=color,
+                   label=metric.upper())
+        ax.set_xticks(list(positions), names, fontsize=7)
+        ax.set_ylabel('%')
+        ax.set_ylim(0, 100)
+        ax.set_title(f'{attack} ({model})', fontsize=10)
+        ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_channel_scores(csv_path: Path, path: Path, title: str) -> None:
+    """Each conv layer's channel scores as a column of dots; pruned channels in red."""
+    plt = _pyplot()
+    with open(csv_path) as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows:
+        return
+    score = next(k for k in rows[0] if k not in ('layer', 'channel', 'trigger_lift', 'fmp', 'pruned'))
+    layers = list(dict.fromkeys(r['layer'] for r in rows))
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(layers)), 3.8))
+    for pruned, color, size in (('0', 'tab:gray', 6), ('1', 'tab:red', 14)):
+        chosen = [r for r in rows if r['pruned'] == pruned]
+        ax.scatter([layers.index(r['layer']) for r in chosen], [float(r[score]) for r in chosen], s=size, color=color,
+                   label='pruned' if pruned == '1' else 'kept', alpha=0.7)
+    ax.set_xticks(range(len(layers)), layers, rotation=90, fontsize=6)
+    ax.set_ylabel(score.replace('_', ' '))
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_curves(metrics_csv: Path, path: Path, title: str) -> bool:
+    """ACC and ASR (and RA) per epoch from a run's metrics file; False when there is nothing to plot."""
+    if not metrics_csv.exists():
+        return False
+    frame = pd.read_csv(metrics_csv)
+    present = [m for m in ('acc', 'asr', 'ra') if m in frame and frame[m].notna().any()]
+    if frame.empty or not present:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for metric in present:
+        ax.plot(frame['epoch'], 100 * frame[metric], marker='o', label=metric.upper())
+    ax.set_xlabel('epoch')
+    ax.set_ylabel('%')
+    ax.set_ylim(0, 100)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_report(folder: Path, record_root: Optional[Path] = None) -> list[dict]:
+    """results.csv, results.md and the plots for ``folder``."""
+    folder = Path(folder)
+    rows = collect(folder, record_root)
+    if not rows:
+        save_text('no finished records found\n', folder / 'results.md')
+        return rows
+    fields = list(rows[0])
+    lines = [','.join(fields)] + [','.join('' if r[k] is None else str(r[k]).replace(',', ';') for k in fields) for r in rows]
+    save_text('\n'.join(lines) + '\n', folder / 'results.csv')
+    table = summarise(rows)
+    save_text(markdown(table), folder / 'results.md')
+    plot_tradeoff(table, folder / 'acc_vs_asr.png')
+    plot_bars(table, folder / 'bars.png')
+    root = Path(record_root) if record_root else (folder.parents[1] if (folder / 'steps.json').exists() else folder)
+    for record in dict.fromkeys(r['record'] for r in rows):
+        base = root / record if (root / record).exists() else next(folder.rglob(record), None)
+        if base is None:
+            continue
+        plot_curves(base / 'metrics.csv', folder / f'curves_{record}.png', f'{record}: training')
+        scores = sorted(base.glob('defense/*/channel_scores.csv'))
+        feature = [p for p in scores if p.parent.name.startswith('feature')] or scores
+        if feature:
+            plot_channel_scores(feature[0], folder / f'fmp_scores_{record}.png', f'{record}: {feature[0].parent.name}')
+    return rows
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or argv[0] in ('-h', '--help'):
+        print(__doc__)
+        return 0 if argv and argv[0] in ('-h', '--help') else 2
+    folder = Path(argv[0])
+    if not folder.is_dir():
+        print(f'error: {folder} is not a folder', file=sys.stderr)
+        return 2
+    rows = write_report(folder)
+    print(f'{len(rows)} rows; wrote {folder / "results.csv"}, {folder / "results.md"} and the plots')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,351 @@
+"""The benchmark grid: datasets x models x attacks x defenses x seeds from one YAML, run as steps.
+
+A sweep YAML (``config/sweep/<name>.yaml``) names its axes; an option whose value is a list (for an
+option that takes one value) is an axis too (``prune_exponent: [6, 4, 3]`` is three runs, each in
+its own folder). Every attack record is trained once; every defense runs on it when it exists.
+A step is skipped when its outputs exist and verify (intact hashes, and the options they were made
+with are the step's), so a killed sweep resumes where it stopped; a step that exists but does not
+verify is rerun (``--resume`` when its run has this step's options, else ``--overwrite``). A failed
+step never stops the others: it is listed at the end with its log; the defenses of a failed attack
+are skipped. Steps run as subprocesses (``--workers N`` at once) or as submitit jobs (``launcher:
+slurm``; ``local`` runs submitit's local executor), by one scheduler that honours the dependencies.
+
+    python sweep.py --yaml_path config/sweep/demo_cpu.yaml
+"""
+from __future__ import annotations
+
+import ctypes
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from . import REPO_ROOT, UserError
+from .config import config_to_dict, parse_config
+from .record import ATTACK_RESULT, DEFENSE_RESULT, save_json
+from .registry import ATTACKS, DEFENSES
+from .runs import FolderLock, NOT_IDENTITY, check_record_hash
+
+SWEEP_KEYS = {'name', 'datasets', 'models', 'seeds', 'attacks', 'defenses', 'recipe', 'defense_recipe', 'record_name',
+              'launcher', 'workers', 'slurm'}
+LAUNCHERS = ('subprocess', 'local', 'slurm')
+DEFAULT_RECORD_NAME = '{attack}_{dataset}_{model}_s{seed}'
+
+
+@dataclass
+class Step:
+    """One run: an attack that makes a record, or a defense on one."""
+    key: str                      # unique: 'attack:<record>' or 'defense:<record>/<folder>'
+    kind: str                     # 'attack' | 'defense'
+    method: str                   # the registry name
+    config: dict[str, Any]        # the options given to run_attack / run_defense
+    record: str
+    folder: str                   # the defense folder's name ('' for an attack)
+    depends: Optional[str] = None
+    labels: dict[str, Any] = field(default_factory=dict)
+
+    def output(self, record_root: Path) -> Path:
+        base = Path(record_root) / self.record
+        return base if self.kind == 'attack' else base / 'defense' / self.folder
+
+
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def _parser(kind: str, method: str):
+    registry = ATTACKS if kind == 'attack' else DEFENSES
+    return registry.get(method)().build_parser(str(registry.script(method)))
+
+
+def _list_options(parser) -> set[str]:
+    return {a.dest for a in parser._actions if a.nargs in ('*', '+')}
+
+
+def expand(options: dict[str, Any], list_options: set[str]) -> list[dict[str, Any]]:
+    """Every combination of the options' axes: a list value is an axis, except for an option that
+    itself takes a list, whose axis is a list of lists."""
+    axes = {}
+    for key, value in options.items():
+        is_axis = isinstance(value, list) and (key not in list_options or (value and isinstance(value[0], list)))
+        axes[key] = value if is_axis else [value]
+    keys = list(axes)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(axes[k] for k in keys))] if keys else [{}]
+
+
+def _suffix(setting: dict[str, Any], varying: set[str]) -> str:
+    parts = [f'{k}-{v}' for k, v in sorted(setting.items()) if k in varying]
+    return ('_' + '_'.join(parts).replace('/', '-').replace(' ', '').replace('.', 'p')) if parts else ''
+
+
+def load_sweep(path: Path) -> dict[str, Any]:
+    """The sweep YAML, checked: unknown keys, attacks, defenses, models, datasets and options are
+    refused before anything runs, with the valid names."""
+    from models import MODELS
+    from .data import DATASETS
+    try:
+        sweep = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f'sweep file not found: {path}') from None
+    except yaml.YAMLError as exc:
+        raise UserError(f'{path}: malformed YAML ({str(exc).splitlines()[0]})') from None
+    if not isinstance(sweep, dict):
+        raise UserError(f'{path}: expected a mapping')
+    unknown = set(sweep) - SWEEP_KEYS
+    if unknown:
+        raise UserError(f'{path}: unknown key {sorted(unknown)[0]!r} (valid keys: {", ".join(sorted(SWEEP_KEYS))})')
+    sweep.setdefault('name', Path(path).stem)
+    for key, known in (('datasets', sorted(DATASETS)), ('models', sorted(MODELS))):
+        sweep[key] = _as_list(sweep.get(key, ['cifar10' if key == 'datasets' else 'resnet20']))
+        bad = [v for v in sweep[key] if v not in known]
+        if bad:
+            raise UserError(f'{path}: unknown {key[:-1]} {bad[0]!r} (known: {", ".join(known)})')
+    sweep['seeds'] = _as_list(sweep.get('seeds', [0]))
+    for key, registry in (('attacks', ATTACKS), ('defenses', DEFENSES)):
+        entries = sweep.get(key) or {}
+        if isinstance(entries, list):
+            entries = {name: {} for name in entries}
+        for label, options in entries.items():
+            options = dict(options or {})
+            method = options.pop(key[:-1], label)
+            if method not in registry.names():
+                raise UserError(f'{path}: unknown {key[:-1]} {method!r} in {key} (known: {", ".join(registry.names())})')
+            entries[label] = {'method': method, 'options': options}
+        sweep[key] = entries
+    if not sweep['attacks']:
+        raise UserError(f'{path}: a sweep needs at least one attack')
+    sweep['launcher'] = sweep.get('launcher', 'subprocess')
+    if sweep['launcher'] not in LAUNCHERS:
+        raise UserError(f'{path}: unknown launcher {sweep["launcher"]!r} (choose from {", ".join(LAUNCHERS)})')
+    return sweep
+
+
+def plan(sweep: dict[str, Any], record_root: Path) -> list[Step]:
+    """The sweep's steps (attacks first), every option checked by the script's own parser."""
+    steps: list[Step] = []
+    recipe, defense_recipe = sweep.get('recipe') or {}, sweep.get('defense_recipe') or {}
+    template = sweep.get('record_name', DEFAULT_RECORD_NAME)
+    for dataset, model, seed, (label, attack) in itertools.product(sweep['datasets'], sweep['models'], sweep['seeds'],
+                                                                    sweep['attacks'].items()):
+        parser = _parser('attack', attack['method'])
+        settings = expand(attack['options'], _list_options(parser))
+        varying = {k for k in attack['options'] if len({json.dumps(s.get(k)) for s in settings}) > 1}
+        for setting in settings:
+            record = template.format(attack=label, dataset=dataset, model=model, seed=seed) + _suffix(setting, varying)
+            config = {'yaml_path': str(REPO_ROOT / 'config' / 'attack' / attack['method'] / f'{dataset}.yaml')} | recipe | setting
+            config |= {'dataset': dataset, 'model': model, 'random_seed': seed, 'save_folder_name': record,
+                       'record_root': str(record_root)}
+            _check_options('attack', attack['method'], config, sweep)
+            labels = {'dataset': dataset, 'model': model, 'seed': seed, 'attack': label, 'attack_setting': setting}
+            attack_step = Step(f'attack:{record}', 'attack', attack['method'], config, record, '', None, labels)
+            steps.append(attack_step)
+            for defense_label, defense in sweep['defenses'].items():
+                dparser = _parser('defense', defense['method'])
+                dsettings = expand(defense['options'], _list_options(dparser))
+                dvarying = {k for k in defense['options'] if len({json.dumps(s.get(k)) for s in dsettings}) > 1}
+                for dsetting in dsettings:
+                    folder = defense_label + _suffix(dsetting, dvarying)
+                    dconfig = {'yaml_path': str(REPO_ROOT / 'config' / 'defense' / defense['method'] / f'{dataset}.yaml')}
+                    dconfig |= defense_recipe | dsetting | {'result_file': record, 'save_folder_name': folder,
+                                                            'record_root': str(record_root)}
+                    _check_options('defense', defense['method'], dconfig, sweep)
+                    steps.append(Step(f'defense:{record}/{folder}', 'defense', defense['method'], dconfig, record, folder,
+                                      attack_step.key, labels | {'defense': defense_label, 'setting': dsetting}))
+    keys = [s.key for s in steps]
+    if len(set(keys)) != len(keys):
+        raise UserError('two steps of this sweep would write the same folder: give the attacks or defenses distinct labels')
+    return steps
+
+
+def _check_options(kind: str, method: str, config: dict, sweep: dict) -> None:
+    if not Path(config['yaml_path']).is_file():
+        raise UserError(f'{sweep["name"]}: no {kind} YAML {config["yaml_path"]}')
+    try:
+        parse_config(_parser(kind, method), [], config)
+    except SystemExit:   # argparse has printed why
+        raise UserError(f'{sweep["name"]}: invalid options for {kind} {method}') from None
+
+
+def expected_options(step: Step) -> dict[str, Any]:
+    """The resolved options a step's run records in its config.yaml."""
+    return config_to_dict(parse_config(_parser(step.kind, step.method), [], step.config))
+
+
+def _same_run(stored: dict[str, Any], step: Step) -> bool:
+    skip = NOT_IDENTITY | ({'dataset', 'model'} if step.kind == 'defense' else set()) | {'record_format', 'attack_record_sha256'}
+    expected = expected_options(step)
+    return all(stored.get(k) == v for k, v in expected.items() if k not in skip)
+
+
+def verified(step: Step, record_root: Path) -> bool:
+    """Whether the step's outputs exist, are intact and were made with the step's options."""
+    folder = step.output(record_root)
+    result = ATTACK_RESULT if step.kind == 'attack' else DEFENSE_RESULT
+    if not (folder / result).exists() or not (folder / 'config.yaml').exists():
+        return False
+    try:
+        check_record_hash(folder, result_name=result)
+        if step.kind == 'defense':
+            parent = json.loads((folder / 'summary.json').read_text()).get('attack_record_sha256')
+            if parent is not None and parent != check_record_hash(folder.parents[1]):
+                return False
+        return _same_run(yaml.safe_load((folder / 'config.yaml').read_text()) or {}, step)
+    except (UserError, OSError, ValueError):
+        return False
+
+
+def launch_options(step: Step, record_root: Path) -> dict[str, Any]:
+    """--resume for an interrupted run of this step's options, --overwrite for anything else in the way."""
+    folder = step.output(record_root)
+    staging = folder.parent / f'.{folder.name}.overwrite'
+    if not folder.exists():
+        return {}
+    run_file = folder / 'run.json'
+    if run_file.exists():
+        try:
+            if _same_run(json.loads(run_file.read_text())['identity'], step):
+                return {'resume': True}
+        except (OSError, ValueError, KeyError):
+            pass
+    return {'overwrite': True, 'resume': staging.exists()}
+
+
+def run_step(payload: dict[str, Any]) -> int:
+    """Run one step in this process (a subprocess of the sweep, or a submitit job): 0 on success."""
+    from .attack import run_attack
+    from .config import run_main
+    from .defense import run_defense
+    entry = run_attack if payload['kind'] == 'attack' else run_defense
+    code = run_main(lambda argv: entry(payload['method'], payload['config'], argv), [])
+    if code:
+        raise RuntimeError(f'{payload["kind"]} {payload["method"]} exited with code {code}')
+    return code
+
+
+def _die_with_parent() -> None:
+    """In a child: be killed when the sweep process dies, however it dies (Linux prctl)."""
+    try:
+        ctypes.CDLL('libc.so.6').prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class SubprocessLauncher:
+    """Each step a ``python sweep.py --run_step`` child process, its output in the step's log."""
+
+    def __init__(self, logs: Path):
+        self.logs = logs
+
+    def launch(self, step: Step, payload: dict) -> Any:
+        path = self.logs / f'{step.key.replace("/", "__").replace(":", "_")}.json'
+        save_json(payload, path)
+        log = open(path.with_suffix('.log'), 'a')
+        process = subprocess.Popen([sys.executable, str(REPO_ROOT / 'sweep.py'), '--run_step', str(path)], cwd=REPO_ROOT,
+                                   stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
+                                   env=dict(os.environ, OMP_NUM_THREADS=os.environ.get('OMP_NUM_THREADS', '1')))
+        process.log_path = path.with_suffix('.log')
+        log.close()
+        return process
+
+    def poll(self, handle) -> Optional[bool]:
+        """None while running, else whether it succeeded."""
+        code = handle.poll()
+        return None if code is None else code == 0
+
+    def log_path(self, handle) -> Path:
+        return handle.log_path
+
+
+class SubmititLauncher:
+    """Each step a submitit job: ``local`` (submitit's local executor, for tests and single
+    machines) or ``slurm`` (partition, GPUs and time from the sweep YAML's ``slurm`` mapping)."""
+
+    def __init__(self, logs: Path, cluster: str, slurm: dict[str, Any]):
+        import submitit
+        if cluster == 'local':
+            self.executor = submitit.LocalExecutor(folder=str(logs / 'submitit'))
+            self.executor.update_parameters(timeout_min=int(slurm.get('timeout_min', 24 * 60)))
+        else:
+            self.executor = submitit.AutoExecutor(folder=str(logs / 'submitit'), cluster='slurm')
+            self.executor.update_parameters(**{k: v for k, v in slurm.items()})
+
+    def launch(self, step: Step, payload: dict) -> Any:
+        return self.executor.submit(run_step, payload)
+
+    def poll(self, handle) -> Optional[bool]:
+        if not handle.done():
+            return None
+        try:
+            handle.result()
+            return True
+        except Exception:
+            return False
+
+    def log_path(self, handle) -> Path:
+        return Path(handle.paths.stderr)
+
+
+def run_sweep(sweep_path: Path, record_root: Path, workers: Optional[int] = None, launcher: Optional[str] = None,
+              report: bool = True) -> dict[str, Any]:
+    """Plan, skip what verifies, run the rest (dependencies honoured), report. Returns the outcome."""
+    from tqdm import tqdm
+    sweep = load_sweep(sweep_path)
+    record_root = Path(record_root)
+    steps = plan(sweep, record_root)
+    out = record_root / 'sweeps' / sweep['name']
+    logs = out / 'logs'
+    logs.mkdir(parents=True, exist_ok=True)
+    with FolderLock(out / '.lock', f'the sweep {sweep["name"]}'):
+        save_json({'sweep': str(sweep_path), 'steps': [asdict(s) for s in steps]}, out / 'steps.json')
+        kind = launcher or sweep['launcher']
+        runner = SubprocessLauncher(logs) if kind == 'subprocess' else SubmititLauncher(logs, kind, sweep.get('slurm') or {})
+        workers = workers or int(sweep.get('workers', 1))
+        done = {s.key for s in steps if verified(s, record_root)}
+        failed: dict[str, Path] = {}
+        skipped: list[str] = []
+        pending = [s for s in steps if s.key not in done]
+        running: dict[str, tuple[Step, Any]] = {}
+        bar = tqdm(total=len(steps), initial=len(done), desc=f'sweep {sweep["name"]}', disable=None)
+        while pending or running:
+            for step in list(pending):
+                if len(running) >= workers:
+                    break
+                if step.depends in failed or step.depends in skipped:
+                    pending.remove(step)
+                    skipped.append(step.key)
+                    bar.update(1)
+                    continue
+                if step.depends is not None and step.depends not in done:
+                    continue
+                payload = {'kind': step.kind, 'method': step.method,
+                           'config': step.config | launch_options(step, record_root)}
+                running[step.key] = (step, runner.launch(step, payload))
+                pending.remove(step)
+            for key, (step, handle) in list(running.items()):
+                outcome = runner.poll(handle)
+                if outcome is None:
+                    continue
+                del running[key]
+                bar.update(1)
+                if outcome and verified(step, record_root):
+                    done.add(key)
+                else:
+                    failed[key] = runner.log_path(handle)
+            bar.set_postfix_str(', '.join(running) or 'waiting')
+            time.sleep(0.2)
+        bar.close()
+    outcome = {'steps': len(steps), 'done': len(done), 'failed': {k: str(v) for k, v in failed.items()},
+               'skipped': skipped, 'folder': str(out)}
+    save_json(outcome, out / 'outcome.json')
+    if report:
+        from .report import write_report
+        write_report(out, record_root)
+    return outcome
