@@ -185,7 +185,7 @@ def test_fmp_cli_lowers_asr_and_keeps_acc(badnet_record):
     assert record['metrics']['asr'] > 0.8, record['metrics']  # the attack took hold
     result = run('./defense/feature.py', '--yaml_path', './config/defense/feature/cifar10.yaml', '--dataset', 'cifar10',
                  '--result_file', 'badnet_small', '--dataset_path', CIFAR, '--epochs', 3, '--ratio', 0.5,
-                 '--n_rank', 8, '--prune_exponent', 3, '--prune_mode', 'mask', record_root=badnet_record)
+                 '--n_rank', 4, '--prune_exponent', 3, '--prune_mode', 'mask', record_root=badnet_record)
     assert result.returncode == 0, result.stderr[-2000:]
     out = badnet_record / 'badnet_small' / 'defense' / 'feature'
     defended = _load(out / 'defense_result.pt')
@@ -407,7 +407,7 @@ def test_random_and_oracle_selection_through_the_cli(badnet_record):
     oracle finds more trigger-excited maps than FMP on a BadNets record (it looks at the trigger)."""
     def selection(*extra, folder):
         result = run('./defense/feature.py', '--yaml_path', './config/defense/feature/cifar10.yaml', '--result_file',
-                     'badnet_small', '--dataset_path', CIFAR, '--rank_only', '--n_rank', 4, '--prune_exponent', 4,
+                     'badnet_small', '--dataset_path', CIFAR, '--rank_only', '--n_rank', 2, '--prune_exponent', 4,
                      '--min_prune', 1, '--save_folder_name', folder, *extra, record_root=badnet_record)
         assert result.returncode == 0, result.stderr[-2000:]
         out = badnet_record / 'badnet_small' / 'defense' / folder
@@ -418,10 +418,10 @@ def test_random_and_oracle_selection_through_the_cli(badnet_record):
         return pruned, fmp, json.loads((out / 'summary.json').read_text())
 
     chosen, fmp, summary = selection('--select', 'random', folder='random0')
-    again, _, _ = selection('--select', 'random', folder='random0b')
     other, _, _ = selection('--select', 'random', '--selection_seed', 7, folder='random7')
     per_layer = lambda pairs: sorted((layer, sum(1 for l, _ in pairs if l == layer)) for layer in {l for l, _ in pairs})  # noqa: E731
-    assert per_layer(chosen) == per_layer(fmp) and chosen == again and chosen != other and chosen != fmp
+    # same seed, same maps: test_random_selection_has_fmps_per_layer_counts_and_is_seeded
+    assert per_layer(chosen) == per_layer(fmp) and per_layer(other) == per_layer(fmp) and chosen != other and chosen != fmp
     assert summary['select'] == 'random' and summary['overlap']['total'] == len(fmp)
     oracle, _, summary = selection('--select', 'oracle_trigger', folder='oracle')
     assert per_layer(oracle) == per_layer(fmp)

@@ -183,7 +183,7 @@ def run_defense_script(name, root, *extra):
                        *map(str, extra)], timeout=600)
 
 
-QUICK = {'clp': (), 'bnp': (), 'fp': ('--epochs', 1, '--ratio', 0.2), 'anp': ('--nb_iter', 20, '--ratio', 0.1),
+QUICK = {'clp': (), 'bnp': (), 'fp': ('--epochs', 1, '--ratio', 0.2), 'anp': ('--nb_iter', 6, '--ratio', 0.1),
          'rnp': ('--unlearning_epochs', 2, '--recovering_epochs', 1, '--ratio', 0.1)}
 
 

@@ -132,13 +132,20 @@ def test_a_record_that_no_longer_verifies_is_rerun_with_its_defenses(tmp_path):
     ({'colour': 'blue'}, "unknown key 'colour'"),
 ])
 def test_a_bad_sweep_is_refused_before_anything_runs(tmp_path, change, message):
-    path = write_sweep(tmp_path, **change)
+    from utils import UserError
+    from utils.sweep import run_sweep
     root = tmp_path / 'record'
-    proc = sweep(path, root)
+    with pytest.raises(UserError, match=message) as error:
+        run_sweep(write_sweep(tmp_path, **change), root)
+    assert '\n' not in str(error.value) and ('known' in str(error.value) or 'valid' in str(error.value) or message == 'lr')
+    assert not root.exists()
+
+
+def test_a_bad_sweep_through_the_script_is_one_line(tmp_path):
+    proc = sweep(write_sweep(tmp_path, attacks={'badnett': {}}), tmp_path / 'record')
     lines = [line for line in proc.stderr.strip().splitlines() if not line.startswith('warning:')]
     assert proc.returncode == 2 and len(lines) == 1 and ONE_LINE_ERROR.match(lines[0]), describe(proc)
-    assert message in lines[0]
-    assert not root.exists()
+    assert "unknown attack 'badnett'" in lines[0] and 'badnet' in lines[0].split('known:')[1]
 
 
 def test_two_sweeps_of_one_name_do_not_collide(tmp_path):
