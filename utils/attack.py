@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from . import UserError
+from . import UserError, distributed
 from .config import (ToolkitParser, add_common_arguments, config_to_dict, fraction, parse_config, path_arg,
                      probability, resolve_device, seed_everything)
 from .data import DATASETS, DatasetSpec, Split, dataset_spec, load_splits
@@ -88,6 +88,9 @@ class AttackContext:
         if self._clean_model is None:
             name = clean_model_name(self.args)
             folder = record_folder(self.args.record_root, name)
+            if not (folder / ATTACK_RESULT).exists() and distributed.active():
+                raise UserError(f'no clean model record/{name}: train it first in a single process (--pratio 0), '
+                                'then start the distributed run')
             if not (folder / ATTACK_RESULT).exists():
                 self.log(f'no clean model record/{name} yet: training it with this recipe and pratio 0 '
                          '(saved as its own record and reused by later runs)')
@@ -265,7 +268,7 @@ class Attack:
         settings = TrainSettings.from_args(args)
         if settings.epochs < 1:
             raise UserError('an attack trains its model for at least one epoch (epochs >= 1)')
-        device = resolve_device(args.device)
+        device = distributed.setup(resolve_device(args.device))
         check_record_root(args.record_root)
         from models import build_model
         seed_everything(args.random_seed)
@@ -280,22 +283,26 @@ class Attack:
                 load_clean_record(args, args.clean_model)   # a named clean record must exist and fit
             train_split, test_split = load_splits(args.dataset, args.dataset_path, args.train_fraction,
                                                   args.test_fraction, args.random_seed)
-            run.start()
+            if distributed.is_main():        # under torchrun the other processes read, never write
+                run.start()
+            distributed.barrier()
             result = self.train_and_record(args, config, spec, settings, device, model, train_split, test_split, run)
         finally:
             run.close()
+            distributed.teardown()
         return result
 
     def train_and_record(self, args, config, spec, settings, device, model, train_split, test_split, run) -> dict:
         """Poison, train and write the record into ``run.workdir`` (swapped into place under --overwrite)."""
         started = time.time()
-        work = run.workdir
-        log = Log(work / 'log.txt')
+        work, main = run.workdir, distributed.is_main()
+        log = Log(work / 'log.txt') if main else Log(None, quiet=True)
         ctx = AttackContext(self, args, spec, device, train_split, test_split, model, work, log)
         self.prepare(ctx)
         bd_train = self.poison_train(train_split, args, spec)
         ctx.bd_test = bd_test = self.poison_test(test_split, args, spec)
-        save_yaml(config, work / 'config.yaml')
+        if main:
+            save_yaml(config, work / 'config.yaml')
         log(f'{self.name} on {args.dataset} with {args.model}: {self.describe_training_poison(bd_train, args)}, '
             f'{len(bd_test)} poisoned test samples, device {device}')
 
@@ -305,7 +312,6 @@ class Attack:
         if self.learned_trigger:   # the trigger the model was trained with is the final one
             bd_train = self.poison_train(train_split, args, spec)
             ctx.bd_test = bd_test = self.poison_test(test_split, args, spec)
-        self.save_preview(test_split, work / 'preview.png')
         metrics = evaluate(model, test_split, bd_test, device)
         model.cpu()
         result = {'model_name': args.model, 'num_classes': spec.num_classes, 'input_shape': list(spec.input_shape),
@@ -313,6 +319,9 @@ class Attack:
                   'attack_config': config, 'clean_label': self.clean_label,
                   'bd_train': bd_train.to_record('poison_index'), 'bd_test': bd_test.to_record('index'),
                   'metrics': metrics} | self.record_extras()
+        if not main:
+            return result
+        self.save_preview(test_split, work / 'preview.png')
         save_torch(result, work / ATTACK_RESULT)
         summary = {'attack': self.name, 'dataset': args.dataset, 'model': args.model, 'epochs': settings.epochs,
                    'metrics': metrics, 'train_seconds': sum(r['seconds'] for r in rows),

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import UserError
+from . import UserError, distributed
 from .config import (ToolkitParser, nonnegative_float, nonnegative_int, positive_float, positive_int,
                      str2bool)
 from .data import Split, augment, to_float
@@ -190,6 +190,9 @@ def train(model: nn.Module, data: Split, settings: TrainSettings, device: torch.
     as mask and trigger optimisation want. With ``workdir``, every epoch rewrites the phase's
     metrics file and checkpoint there (:func:`phase_files`); with ``resume`` training continues
     after the checkpoint's epoch, and a finished phase loads its final state and trains no more.
+    Under ``torchrun`` (see :mod:`utils.distributed`) each process trains on its share of every batch
+    through DistributedDataParallel (``loss_fn`` then receives the wrapped model), the epoch's loss and
+    accuracy are summed over the processes, and only rank 0 evaluates and writes.
     ``batch_hook`` poisons each batch after augmentation; ``after_step`` runs after every
     optimiser step (FMP's mask mode keeps pruned channels at zero with it); ``stop_when(row)`` ends
     the phase early after an epoch whose metrics row satisfies it (RNP's unlearning stops once
@@ -227,6 +230,9 @@ def train(model: nn.Module, data: Split, settings: TrainSettings, device: torch.
 
     images = data.images.to(device)
     labels = data.labels.to(device)
+    step_model = distributed.wrap(model, device)    # DistributedDataParallel under torchrun, else the model
+    if not distributed.is_main():
+        checkpoint_path = None                     # only rank 0 writes
     for epoch in range(start_epoch, settings.epochs):
         started = time.time()
         generator = epoch_generator(settings.seed, epoch)
@@ -242,8 +248,9 @@ def train(model: nn.Module, data: Split, settings: TrainSettings, device: torch.
                 x = augment(x, generator, hflip)
             if batch_hook is not None:
                 x, y = batch_hook(x, y, generator, model)
+            x, y = distributed.shard(x), distributed.shard(y)     # every process drew the same whole batch
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                out = loss_fn(model, x, y)
+                out = loss_fn(step_model, x, y)
             loss, logits = out if isinstance(out, tuple) else (out, None)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -256,19 +263,20 @@ def train(model: nn.Module, data: Split, settings: TrainSettings, device: torch.
                 correct += (logits.argmax(1) == y).sum().item()
             seen += len(y)
             bar.set_postfix(loss=f'{loss_sum / seen:.3f}')
+        loss_sum, correct, seen = distributed.summed([loss_sum, correct, seen], device)
         if not math.isfinite(loss_sum):
             raise UserError(f'training diverged at epoch {epoch + 1} (loss is not finite): lower lr')
         row = {'epoch': epoch + 1, 'lr': optimizer.param_groups[0]['lr'], 'train_loss': loss_sum / max(seen, 1)}
         if logits is not None:
             row['train_acc'] = correct / max(seen, 1)
         scheduler.step()
-        if evaluate_fn is not None:
+        if evaluate_fn is not None and distributed.is_main():
             row.update(evaluate_fn(model))
         row['seconds'] = round(time.time() - started, 2)
         rows.append(row)
         log(f'{desc} epoch {epoch + 1}/{settings.epochs}: ' +
             ' '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}' for k, v in row.items() if k != 'epoch'))
-        stopped = stop_when is not None and bool(stop_when(row))
+        stopped = distributed.from_main(stop_when is not None and distributed.is_main() and bool(stop_when(row)))
         if checkpoint_path is not None:
             save_torch({'epoch': epoch, 'phase': phase, 'model': model.state_dict(),
                         'modules': {name: m.state_dict() for name, m in state_modules.items()},
