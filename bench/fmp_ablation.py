@@ -65,6 +65,7 @@ class Results:
     def __init__(self, path: Path):
         self.path = path
         self.rows = list(csv.DictReader(open(path))) if path.exists() else []
+        self.analysis = []   # the 'ALL' rows of analysis.csv files, for the report
 
     @staticmethod
     def key(row):
@@ -302,43 +303,107 @@ def mean_std(values):
     return f'{mean:.1f} ± {spread:.1f}' if len(values) > 1 else f'{mean:.1f}'
 
 
+RELEASE_CHOICES = ('bn_bias keep', 'tie_break argsort', 'rank_augment', 'released (all four)')
+
+
+def verdict(row, randoms) -> str:
+    """Against random maps at the same per-layer counts: 'better' only when ASR is below every random
+    seed's and ACC is not below every seed's; 'worse' when ASR is above every seed's, or ACC below
+    every seed's without the ASR to show for it; a lower ASR bought with a lower ACC is a trade-off."""
+    if not randoms:
+        return ''
+    asr, acc = float(row['asr']), float(row['acc'])
+    random_asr, random_acc = [float(r['asr']) for r in randoms], [float(r['acc']) for r in randoms]
+    lower_asr, lower_acc = asr < min(random_asr), acc < min(random_acc)
+    if lower_asr:
+        said = 'lower ASR, lower ACC' if lower_acc else 'better'
+        return said + (' (one random draw)' if len(randoms) == 1 else '')
+    said = 'worse' if asr > max(random_asr) or lower_acc else 'no better'
+    return said + (' (one random draw)' if len(randoms) == 1 else '')
+
+
+def pick(rows, **match):
+    return [r for r in rows if all(r[k] == v for k, v in match.items())]
+
+
 def report(results, out: Path):
-    """results.md: per record, pruning alone and after fine-tuning, ACC / ASR (random: mean ± std over seeds)."""
+    """results.md: a verdict per record and amount (FMP and each ranking variant against random maps at
+    the same per-layer counts), then per record the full grid, the release's choices and the analysis."""
     rows = results.rows
-    lines = ['# FMP ablation', '', 'ACC / ASR in percent on the full CIFAR-10 test sets; random: mean ± std over '
-             'selection seeds; "with oracle": how many of the pruned maps are among the maps the trigger excites most.', '']
-    for record in dict.fromkeys(r['record'] for r in rows):
-        mine = [r for r in rows if r['record'] == record]
-        lines += [f'## {record} ({mine[0]["attack"]}, training seed {mine[0]["train_seed"]})', '',
-                  '| stage | amount | maps | FMP | random (same per-layer counts) | oracle_trigger | FMP with oracle |',
-                  '|---|---|---|---|---|---|---|']
+    records = list(dict.fromkeys(r['record'] for r in rows))
+    default = dict(pairing='graph', variant='')
+    lines = ['# FMP ablation', '',
+             'ACC / ASR in percent. Pruning alone: on a seeded, class-balanced subset of the clean test set '
+             '(`--eval_images`, 2,000 by default) and the poisoned versions of those images; after fine-tuning: '
+             'the whole test sets. random: mean ± std over selection seeds (three when pruning alone, one after '
+             'fine-tuning), the same per-layer counts as FMP. "with oracle": how many of FMP\'s maps are among '
+             'the maps the trigger excites most (`oracle_trigger`, which looks at the trigger: a ceiling, not a '
+             'defense). Verdict against random: *better* only when the ASR is below every random seed\'s and '
+             'the ACC is not below every seed\'s.', '',
+             '## Verdict: FMP\'s ranking against random maps at the same amount', '',
+             '| record | stage | amount | maps | FMP ACC / ASR | random ACC / ASR | oracle ACC / ASR | FMP with oracle | verdict |',
+             '|---|---|---|---|---|---|---|---|---|']
+    for record in records:
+        mine = pick(rows, record=record)
         for stage in ('prune', 'finetune'):
             for amount in dict.fromkeys(r['amount'] for r in mine if r['stage'] == stage and r['amount']):
-                cell = {}
-                for select in ('fmp', 'random', 'oracle_trigger'):
-                    group = [r for r in mine if (r['stage'], r['amount'], r['select'], r['pairing'], r['variant']) ==
-                             (stage, amount, select, 'graph', '')]
-                    cell[select] = (f"{mean_std(r['acc'] for r in group)} / {mean_std(r['asr'] for r in group)}"
-                                    if group else '')
-                fmp = next((r for r in mine if (r['stage'], r['amount'], r['select'], r['pairing'], r['variant']) ==
-                            (stage, amount, 'fmp', 'graph', '')), None)
-                lines.append(f"| {'pruning alone' if stage == 'prune' else 'fine-tuned'} | {amount} | "
-                             f"{fmp['maps'] if fmp else ''} | {cell['fmp']} | {cell['random']} | {cell['oracle_trigger']} | "
-                             f"{fmp['with_oracle'] if fmp else ''} |")
-        ft = [r for r in mine if r['select'] == 'ft']
+                same = dict(stage=stage, amount=amount, **default)
+                fmp, randoms = pick(mine, select='fmp', **same), pick(mine, select='random', **same)
+                oracle = pick(mine, select='oracle_trigger', **same)
+                if not fmp:
+                    continue
+                fmp = fmp[0]
+                random_cell = (f"{mean_std(r['acc'] for r in randoms)} / {mean_std(r['asr'] for r in randoms)}"
+                               if randoms else '')
+                oracle_cell = f"{oracle[0]['acc']} / {oracle[0]['asr']}" if oracle else ''
+                lines.append(f"| {record} | {'pruning alone' if stage == 'prune' else 'fine-tuned'} | {amount} | "
+                             f"{fmp['maps']} | {fmp['acc']} / {fmp['asr']} | {random_cell} | {oracle_cell} | "
+                             f"{fmp['with_oracle']} of {fmp['maps']} | {verdict(fmp, randoms)} |")
+        ft = pick(mine, select='ft')
         if ft:
-            lines.append(f"| fine-tuned | FT alone | 0 | {ft[0]['acc']} / {ft[0]['asr']} | | | |")
-        variants = [r for r in mine if r['stage'] == 'prune' and (r['variant'] or r['pairing'] == 'module_order')
-                    and r['select'] == 'fmp']
-        if variants:
+            lines.append(f"| {record} | fine-tuned | FT alone | 0 | {ft[0]['acc']} / {ft[0]['asr']} | | | | |")
+    toolkit = [r for r in rows if r['stage'] == 'prune' and r['variant'] and r['variant'] not in RELEASE_CHOICES]
+    if toolkit:
+        lines += ['', '## Ranking variants that need no trigger knowledge, pruning alone, against random', '',
+                  '| variant | ' + ' | '.join(f'{r} {a}' for r in records for a in ('1/16', '1/8')
+                                             if pick(toolkit, record=r, amount=a)) + ' |']
+        columns = [(r, a) for r in records for a in ('1/16', '1/8') if pick(toolkit, record=r, amount=a)]
+        lines.append('|---|' + '---|' * len(columns))
+        for name in dict.fromkeys(r['variant'] for r in toolkit):
+            cells = []
+            for record, amount in columns:
+                row = pick(toolkit, record=record, amount=amount, variant=name)
+                randoms = pick(rows, record=record, amount=amount, stage='prune', select='random', **default)
+                cells.append(f"{row[0]['acc']} / {row[0]['asr']} ({verdict(row[0], randoms)})" if row else '')
+            lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
+    for record in records:
+        mine = pick(rows, record=record)
+        lines += ['', f'## {record} ({mine[0]["attack"]}, training seed {mine[0]["train_seed"]})']
+        release = [r for r in mine if r['stage'] == 'prune' and r['select'] == 'fmp'
+                   and (r['variant'] in RELEASE_CHOICES or (r['pairing'] == 'module_order' and not r['variant']))]
+        if release:
             lines += ['', 'The release\'s choices on FMP\'s selection, pruning alone (ACC / ASR):', '',
                       '| amount | choice | ACC / ASR | toolkit default ACC / ASR |', '|---|---|---|---|']
-            for r in variants:
-                default = next(d for d in mine if (d['stage'], d['amount'], d['select'], d['pairing'], d['variant']) ==
-                               ('prune', r['amount'], 'fmp', 'graph', ''))
-                choice = r['variant'] or 'pairing module_order'
-                lines.append(f"| {r['amount']} | {choice} | {r['acc']} / {r['asr']} | {default['acc']} / {default['asr']} |")
-        lines.append('')
+            for r in release:
+                base = pick(mine, stage='prune', amount=r['amount'], select='fmp', **default)
+                base = f"{base[0]['acc']} / {base[0]['asr']}" if base else ''
+                lines.append(f"| {r['amount']} | {r['variant'] or 'pairing module_order'} | {r['acc']} / {r['asr']} | {base} |")
+        seeds = pick(mine, stage='prune', select='random', **default)
+        if seeds:
+            lines += ['', 'Random selections one by one, pruning alone (ACC / ASR):', '',
+                      '| amount | ' + ' | '.join(f'seed {s}' for s in dict.fromkeys(r['selection_seed'] for r in seeds)) + ' |',
+                      '|---|' + '---|' * len(dict.fromkeys(r['selection_seed'] for r in seeds))]
+            for amount in dict.fromkeys(r['amount'] for r in seeds):
+                lines.append(f'| {amount} | ' + ' | '.join(f"{r['acc']} / {r['asr']}" for r in pick(seeds, amount=amount)) + ' |')
+    analyses = list({a['record']: a for a in results.analysis if a.get('layer') == 'ALL'}.values())
+    if analyses:
+        lines += ['', '## Why: what FMP flags (1/64 rule), from `--stage analysis`', '',
+                  '| record | maps | Spearman(FMP score, trigger lift) | clean ACC lost pruning one FMP map alone (mean) | '
+                  'the same for one oracle map |', '|---|---|---|---|---|']
+        for a in analyses:
+            lines.append(f"| {a['record']} | {a['channels']} | {a['spearman_score_lift']} | "
+                         f"{a['fmp_single_map_acc_drop_mean']} | {a['oracle_single_map_acc_drop_mean']} |")
+    lines.append('')
     save_text('\n'.join(lines), out / 'results.md')
 
 
@@ -391,6 +456,8 @@ def main(argv=None):
     results = Results(out / 'results.csv')
     for folder in args.merge:
         results.rows += Results(Path(folder) / 'results.csv').rows
+    results.analysis = [row for folder in [out, *map(Path, args.merge)] if (folder / 'analysis.csv').exists()
+                        for row in csv.DictReader(open(folder / 'analysis.csv'))]
     for name in args.records:
         if args.stage in ('prune', 'all'):
             pruning_alone(name, args, results)

@@ -426,3 +426,29 @@ def test_random_and_oracle_selection_through_the_cli(badnet_record):
     oracle, _, summary = selection('--select', 'oracle_trigger', folder='oracle')
     assert per_layer(oracle) == per_layer(fmp)
     assert summary['overlap']['with_oracle'] == len(oracle) and summary['overlap']['fmp_with_oracle'] <= len(oracle)
+
+
+def test_ablation_report_says_when_fmp_is_no_better_than_random(tmp_path):
+    """bench/fmp_ablation.py --stage report: FMP is 'better' only below every random seed's ASR without
+    losing ACC to all of them; the verdicts and the variants' table come from the rows alone."""
+    import importlib.util
+    from utils import REPO_ROOT
+    spec = importlib.util.spec_from_file_location('fmp_ablation', REPO_ROOT / 'bench' / 'fmp_ablation.py')
+    ablation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablation)
+    header = ','.join(ablation.FIELDS)
+    rows = [  # record,attack,train_seed,stage,select,selection_seed,amount,pairing,variant,maps,with_oracle,acc,asr,ra,s
+        'r,badnet,0,prune,fmp,,1/16,graph,,49,0,68.00,80.00,10.00,1',
+        'r,badnet,0,prune,random,0,1/16,graph,,49,1,70.00,60.00,30.00,1',
+        'r,badnet,0,prune,random,1,1/16,graph,,49,0,65.00,90.00,5.00,1',
+        'r,badnet,0,prune,fmp,,1/8,graph,,98,2,60.00,1.00,50.00,1',
+        'r,badnet,0,prune,random,0,1/8,graph,,98,3,55.00,10.00,40.00,1',
+        'r,badnet,0,prune,random,1,1/8,graph,,98,1,58.00,20.00,30.00,1',
+        'r,badnet,0,prune,fmp,,1/16,graph,steps 5,49,3,40.00,5.00,30.00,1']
+    (tmp_path / 'results.csv').write_text('\n'.join([header, *rows]) + '\n')
+    ablation.main(['--stage', 'report', '--out', str(tmp_path)])
+    text = (tmp_path / 'results.md').read_text()
+    verdicts = [line.rsplit('|', 2)[-2].strip() for line in text.splitlines() if line.startswith('| r | pruning alone')]
+    assert verdicts == ['no better', 'better']
+    assert '| steps 5 | 40.00 / 5.00 (lower ASR, lower ACC) |' in text
+    assert ablation.verdict({'acc': '71', 'asr': '95'}, [{'acc': '70', 'asr': '60'}]) == 'worse (one random draw)'
