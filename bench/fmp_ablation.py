@@ -31,7 +31,9 @@ import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).reso
 
 import argparse
 import csv
+import re
 import time
+from dataclasses import replace
 
 import torch
 
@@ -40,10 +42,13 @@ from utils.config import resolve_device, run_main
 from utils.data import class_balanced_subset, load_splits
 from utils.defense import run_defense
 from utils.evaluate import evaluate
-from utils.fmp import PruneAmount, fmp_flags, random_channels
+from utils.fmp import OBJECTIVES, SCORES, PruneAmount, fmp_flags, random_channels
 from utils.poison import PoisonedSet
 from utils.pruning import conv_layers, highest_channels, module_order_targets, prune_channels
 from utils.record import load_attack_record, load_record_model, record_folder, save_text
+from utils.registry import DEFENSES
+
+FeatureMapPruning = DEFENSES.get('feature')
 
 AMOUNTS = {'1/64 min 1': PruneAmount(prune_exponent=6, min_prune=1), '1/16': PruneAmount(prune_exponent=4),
            '1/8': PruneAmount(prune_exponent=3)}
@@ -84,14 +89,37 @@ class Results:
         print(' '.join(f'{k}={row[k]}' for k in FIELDS), flush=True)
 
 
+class RankingVariants(FeatureMapPruning):
+    """FMP with this toolkit's ranking variants, for the ablation only. They are not options of
+    defense/feature.py: a variant ships only once it beats random maps at the same amount on at least
+    three of four attacks with two training seeds each, and none has been shown to."""
+
+    def add_arguments(self, root):
+        super().add_arguments(root)
+        group = root.add_argument_group('ranking variants of this toolkit (not FMP; ablation only)')
+        group.add_argument('--rank_objective', default='displace', choices=OBJECTIVES,
+                           help='displace (FMP): move the map away from its clean value; excite: push the map up')
+        group.add_argument('--rank_score', default='accuracy', choices=SCORES,
+                           help='accuracy (FMP): accuracy under the attack; collapse: 1 - the largest share of '
+                                'predictions on one class')
+        group.add_argument('--rank_labels', default='true', choices=('true', 'predicted'),
+                           help='true (FMP): score against the labels; predicted: against the model\'s clean predictions')
+
+    def rank_settings(self, args):
+        return replace(super().rank_settings(args), objective=args.rank_objective, score=args.rank_score)
+
+    def scores_against_predictions(self, args):
+        return args.rank_labels == 'predicted'
+
+
 def ranking(record_name, args, **options):
     """FMP's ranking and trigger lift for a record, exactly as the defense computes them (a scratch
     folder per set of options, replaced on every call)."""
-    suffix = '_'.join(f'{k}-{v}' for k, v in sorted(options.items())).replace('.', 'p') or 'default'
+    suffix = re.sub(r'[^A-Za-z0-9_-]', 'p', '_'.join(f'{k}-{v}' for k, v in sorted(options.items()))) or 'default'
     config = {'yaml_path': str(FEATURE_YAML), 'result_file': record_name, 'record_root': args.record_root,
               'device': args.device, 'rank_only': True, 'save_folder_name': f'ablation_rank_{suffix}',
               'overwrite': True} | options
-    return run_defense('feature', config)
+    return RankingVariants().run(str(DEFENSES.script('feature')), [], config)
 
 
 def evaluation_sets(record, args):

@@ -17,7 +17,7 @@ from utils.config import fraction, nonnegative_float, nonnegative_int, positive_
 from utils.data import augment, to_float
 from utils.defense import PruningDefense, Selection, register_defense
 from utils.evaluate import predict
-from utils.fmp import (OBJECTIVES, PRUNE_MODES, ROUNDINGS, SCOPES, SCORES, SELECT_MODES, TIE_BREAKS, PruneAmount,
+from utils.fmp import (PRUNE_MODES, ROUNDINGS, SCOPES, SELECT_MODES, TIE_BREAKS, PruneAmount,
                        RankSettings, fmp_flags, random_channels, rank_feature_maps, rank_reference, timed)
 from utils.pruning import PAIRINGS, check_prunable, highest_channels, module_order_targets
 from utils.record import save_json
@@ -69,14 +69,6 @@ class FeatureMapPruning(PruningDefense):
                            help='rank on training-augmented images (crop and flip), as the release does')
         group.add_argument('--tie_break', default='index', choices=TIE_BREAKS,
                            help='equal scores: lowest channel index first, or NumPy argsort\'s order as released')
-        group = root.add_argument_group('ranking variants of this toolkit (not FMP)')
-        group.add_argument('--rank_objective', default='displace', choices=OBJECTIVES,
-                           help='displace (FMP): move the map away from its clean value; excite: push the map up')
-        group.add_argument('--rank_score', default='accuracy', choices=SCORES,
-                           help='accuracy (FMP): accuracy under the attack; collapse: 1 - the largest share of '
-                                'predictions on one class')
-        group.add_argument('--rank_labels', default='true', choices=('true', 'predicted'),
-                           help='true (FMP): score against the labels; predicted: against the model\'s clean predictions')
         group = root.add_argument_group('run')
         group.add_argument('--channel_chunk', type=positive_int, default=None,
                            help='feature maps per batched backward (default: 1 on CPU, 32 on GPU)')
@@ -98,9 +90,16 @@ class FeatureMapPruning(PruningDefense):
         if args.rank_augment:
             x = augment(x, generator, ctx.spec.hflip)
         x = x.to(ctx.device)
-        if args.rank_labels == 'predicted':
+        if self.scores_against_predictions(args):
             return x, predict(ctx.model, x, ctx.device).to(ctx.device)
         return x, ctx.clean_subset.labels[pick].to(ctx.device)
+
+    def rank_settings(self, args) -> RankSettings:
+        return RankSettings(args.alpha, args.eps, args.steps, args.channel_chunk)
+
+    def scores_against_predictions(self, args) -> bool:
+        """FMP scores against the true labels (bench/fmp_ablation.py's ranking variants override this)."""
+        return False
 
     def zero_bn_bias(self, args):
         return args.bn_bias == 'zero'
@@ -112,8 +111,7 @@ class FeatureMapPruning(PruningDefense):
         args = ctx.args
         generator = torch.Generator().manual_seed(args.random_seed)
         x, y = self.ranking_inputs(ctx, generator)
-        settings = RankSettings(args.alpha, args.eps, args.steps, args.channel_chunk,
-                                objective=args.rank_objective, score=args.rank_score)
+        settings = self.rank_settings(args)
         rank = rank_reference if args.reference else rank_feature_maps
         scores, rank_seconds = timed(rank, ctx.model, x, y, settings, generator)
         amount = PruneAmount(args.prune_exponent, args.prune_ratio, args.prune_round, args.min_prune, args.prune_scope)
