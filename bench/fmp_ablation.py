@@ -440,7 +440,8 @@ def report(results, out: Path):
 
 
 def plot(results, out: Path):
-    """ASR after fine-tuning against maps pruned, one line per selection rule, one panel per record."""
+    """ASR after fine-tuning against maps pruned, one line per selection rule (random: the mean of its
+    draws, bars from the lowest to the highest), one panel per record."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -455,11 +456,17 @@ def plot(results, out: Path):
         mine = [r for r in rows if r['record'] == record]
         ft = next((float(r['asr']) for r in mine if r['select'] == 'ft'), None)
         for select, (label, color, marker) in styles.items():
-            points = sorted((int(r['maps']), float(r['asr'])) for r in mine if r['select'] == select)
-            if ft is not None:
-                points = [(0, ft)] + points
-            if points:
-                ax.plot(*zip(*points), marker=marker, color=color, label=label)
+            by_maps = {}   # maps pruned -> ASR of each draw (random: one per selection seed)
+            for r in mine:
+                if r['select'] == select:
+                    by_maps.setdefault(int(r['maps']), []).append(float(r['asr']))
+            if ft is not None and by_maps:
+                by_maps[0] = [ft]
+            if by_maps:
+                maps = sorted(by_maps)
+                mean = [sum(by_maps[m]) / len(by_maps[m]) for m in maps]
+                spread = [[mu - min(by_maps[m]) for m, mu in zip(maps, mean)], [max(by_maps[m]) - mu for m, mu in zip(maps, mean)]]
+                ax.errorbar(maps, mean, yerr=spread, marker=marker, color=color, label=label, capsize=3)
         ax.set_title(f"{record} ({mine[0]['attack']})", fontsize=10)
         ax.set_xlabel('feature maps pruned (0: FT alone)')
         ax.grid(alpha=0.3)
