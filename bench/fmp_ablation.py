@@ -334,23 +334,23 @@ def mean_std(values):
 RELEASE_CHOICES = ('bn_bias keep', 'tie_break argsort', 'rank_augment', 'released (all four)')
 
 
-ACC_TOLERANCE = 1.0   # ACC points: a smaller ACC difference is not held against a selection
+TOLERANCE = 1.0   # percentage points of ACC or ASR: a smaller difference counts for neither side
 
 
 def verdict(row, randoms) -> str:
-    """Against random maps at the same per-layer counts: 'better' only when ASR is below every random
-    seed's and ACC is not more than ACC_TOLERANCE below every seed's; 'worse' when ASR is above every
-    seed's, or ACC that far below every seed's without the ASR to show for it; a lower ASR bought
-    with a lower ACC is a trade-off."""
+    """Against random maps at the same per-layer counts: 'better' only when ASR is more than TOLERANCE
+    below every random seed's and ACC not more than TOLERANCE below every seed's; 'worse' when ASR
+    is that far above every seed's, or ACC that far below every seed's without the ASR to show for
+    it; a lower ASR bought with a lower ACC is a trade-off."""
     if not randoms:
         return ''
     asr, acc = float(row['asr']), float(row['acc'])
     random_asr, random_acc = [float(r['asr']) for r in randoms], [float(r['acc']) for r in randoms]
-    lower_asr, lower_acc = asr < min(random_asr), acc < min(random_acc) - ACC_TOLERANCE
+    lower_asr, lower_acc = asr < min(random_asr) - TOLERANCE, acc < min(random_acc) - TOLERANCE
     if lower_asr:
         said = 'lower ASR, lower ACC' if lower_acc else 'better'
         return said + (' (one random draw)' if len(randoms) == 1 else '')
-    said = 'worse' if asr > max(random_asr) or lower_acc else 'no better'
+    said = 'worse' if asr > max(random_asr) + TOLERANCE or lower_acc else 'no better'
     return said + (' (one random draw)' if len(randoms) == 1 else '')
 
 
@@ -367,11 +367,12 @@ def report(results, out: Path):
     lines = ['# FMP ablation', '',
              'ACC / ASR in percent. Pruning alone: on a seeded, class-balanced subset of the clean test set '
              '(`--eval_images`, 2,000 by default) and the poisoned versions of those images; after fine-tuning: '
-             'the whole test sets. random: mean ± std over selection seeds (three when pruning alone, one after '
+             'the whole test sets. random: mean ± std over selection seeds (three when pruning alone, one or two after '
              'fine-tuning), the same per-layer counts as FMP. "with oracle": how many of FMP\'s maps are among '
              'the maps the trigger excites most (`oracle_trigger`, which looks at the trigger: a ceiling, not a '
-             'defense). Verdict against random: *better* only when the ASR is below every random seed\'s and '
-             f'the ACC is not more than {ACC_TOLERANCE:g} point below every seed\'s.', '',
+             f'defense). Verdict against random: *better* only when the ASR is more than {TOLERANCE:g} point below '
+             f'every random seed\'s and the ACC not more than {TOLERANCE:g} point below every seed\'s; *worse* when '
+             f'the ASR is that far above every seed\'s, or the ACC that far below without a lower ASR.', '',
              '## Verdict: FMP\'s ranking against random maps at the same amount', '',
              '| record | stage | amount | maps | FMP ACC / ASR | random ACC / ASR | oracle ACC / ASR | FMP with oracle | verdict |',
              '|---|---|---|---|---|---|---|---|---|']
