@@ -332,8 +332,6 @@ def mean_std(values):
 
 
 RELEASE_CHOICES = ('bn_bias keep', 'tie_break argsort', 'rank_augment', 'released (all four)')
-
-
 TOLERANCE = 1.0   # percentage points of ACC or ASR: a smaller difference counts for neither side
 
 
@@ -349,8 +347,8 @@ def verdict(row, randoms) -> str:
     lower_asr, lower_acc = asr < min(random_asr) - TOLERANCE, acc < min(random_acc) - TOLERANCE
     if lower_asr:
         said = 'lower ASR, lower ACC' if lower_acc else 'better'
-        return said + (' (one random draw)' if len(randoms) == 1 else '')
-    said = 'worse' if asr > max(random_asr) + TOLERANCE or lower_acc else 'no better'
+    else:
+        said = 'worse' if asr > max(random_asr) + TOLERANCE or lower_acc else 'no better'
     return said + (' (one random draw)' if len(randoms) == 1 else '')
 
 
