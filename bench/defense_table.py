@@ -18,9 +18,10 @@ import time
 
 from utils import REPO_ROOT
 from utils.config import run_main
-from utils.defense import run_defense
+from utils.defense import defense_identity, run_defense
 from utils.record import DEFENSE_RESULT, load_attack_record, load_torch, record_folder, save_text
 from utils.registry import DEFENSES
+from utils.runs import RUN_FILE
 
 CONFIG = REPO_ROOT / 'config' / 'defense'
 
@@ -38,6 +39,15 @@ def defense_runs(overrides: dict[str, dict] | None = None) -> list[tuple[str, st
     return [(folder, defense, options | (overrides or {}).get(defense, {})) for folder, defense, options in runs]
 
 
+def identical_run(record: Path, identity: dict) -> Path | None:
+    """A finished defense run of ``record`` whose run.json identity is ``identity``, if any (an
+    ablation's FT at the same options is the table's FT)."""
+    for run_file in sorted((record / 'defense').glob(f'*/{RUN_FILE}')):
+        if (run_file.parent / DEFENSE_RESULT).exists() and json.loads(run_file.read_text()).get('identity') == identity:
+            return run_file.parent
+    return None
+
+
 def run_table(record_name: str, record_root: str, runs, common: dict, prefix: str = 'table_') -> list[dict]:
     """Run (or read) every defense of ``runs`` on ``record_name``; one row per run."""
     folder = record_folder(record_root, record_name)
@@ -45,12 +55,17 @@ def run_table(record_name: str, record_root: str, runs, common: dict, prefix: st
     rows = [{'defense': 'none (the record)', **record['metrics']}]
     for save_as, defense, options in runs:
         out = folder / 'defense' / f'{prefix}{save_as}'
+        config = {'yaml_path': str(CONFIG / defense / 'cifar10.yaml'), 'result_file': record_name,
+                  'record_root': record_root, 'save_folder_name': out.name} | common | options
         if not (out / DEFENSE_RESULT).exists():
-            started = time.time()
-            run_defense(defense, {'yaml_path': str(CONFIG / defense / 'cifar10.yaml'), 'result_file': record_name,
-                                  'record_root': record_root, 'save_folder_name': out.name,
-                                  'resume': (out / 'log.txt').exists()} | common | options)
-            print(f'{record_name} {save_as}: {time.time() - started:.0f} s', flush=True)
+            same = identical_run(folder, defense_identity(defense, config))
+            if same is not None:
+                print(f'{record_name} {save_as}: the finished run {same.name} has the same options; read from there')
+                out = same
+            else:
+                started = time.time()
+                run_defense(defense, config | {'resume': (out / 'log.txt').exists()})
+                print(f'{record_name} {save_as}: {time.time() - started:.0f} s', flush=True)
         result = load_torch(out / DEFENSE_RESULT, 'defense record')
         summary = json.loads((out / 'summary.json').read_text())
         overlap = summary.get('overlap', {})

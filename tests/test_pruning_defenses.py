@@ -233,3 +233,26 @@ def test_a_model_without_batchnorm_is_refused(mlp_record, name):
                         timeout=300)
     lines = [line for line in result.stderr.strip().splitlines() if not line.startswith('warning:')]
     assert result.returncode == 2 and len(lines) == 1 and 'no BatchNorm2d layers' in lines[0], result.stderr
+
+
+def test_the_defense_table_reads_a_finished_run_with_the_same_options_instead_of_rerunning(badnet_record, monkeypatch):
+    import importlib.util
+
+    from utils import REPO_ROOT
+    from utils.defense import run_defense
+    spec = importlib.util.spec_from_file_location('defense_table', REPO_ROOT / 'bench' / 'defense_table.py')
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    common = {'ratio': 0.1, 'device': 'cpu', 'epochs': 1}
+    earlier = run_defense('ft', {'yaml_path': str(REPO_ROOT / 'config' / 'defense' / 'ft' / 'cifar10.yaml'),
+                                 'result_file': 'badnet_small', 'record_root': str(badnet_record),
+                                 'save_folder_name': 'earlier_ft'} | common)
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError('ran again')
+    monkeypatch.setattr(table, 'run_defense', must_not_run)
+    rows = table.run_table('badnet_small', str(badnet_record), [('ft', 'ft', {})], common, prefix='reuse_')
+    assert rows[1]['acc'] == earlier['metrics']['acc'] and rows[1]['asr'] == earlier['metrics']['asr']
+    assert not (badnet_record / 'badnet_small' / 'defense' / 'reuse_ft').exists()
+    with pytest.raises(AssertionError, match='ran again'):   # one option apart is another run
+        table.run_table('badnet_small', str(badnet_record), [('ft', 'ft', {'lr': 0.02})], common, prefix='reuse_')

@@ -32,6 +32,14 @@ from .runs import RunFolder, check_record_hash, check_record_root, identity_of, 
 from .train import TrainSettings, add_training_arguments, train
 
 
+def defense_identity(name: str, config: dict[str, Any] | None = None, argv: Sequence[str] = ()) -> dict:
+    """The identity (run.json) that ``run_defense(name, config)`` would record, found without running
+    it: two runs with the same identity give the same result, so a finished one can stand for the other."""
+    defense = DEFENSES.get(name)()
+    *_, parent_sha256, config = defense.resolve(str(DEFENSES.script(name)), list(argv), config)
+    return identity_of(config, attack_record_sha256=parent_sha256)
+
+
 def run_defense(name: str, config: dict[str, Any] | None = None, argv: Sequence[str] = ()) -> dict:
     """Run defense ``name`` from Python: ``config`` holds option: value pairs (``result_file``,
     ``yaml_path``, ...), checked exactly as YAML values are; returns what defense_result.pt holds.
@@ -187,8 +195,9 @@ class Defense:
         self.add_arguments(parser)
         return parser
 
-    def run(self, script_file: str, argv: Sequence[str] | None = None, config: dict[str, Any] | None = None) -> dict:
-        """The whole defense: every check happens before anything is written."""
+    def resolve(self, script_file: str, argv: Sequence[str] | None = None, config: dict[str, Any] | None = None):
+        """Parse and check the options and read the record, writing nothing: ``(args, source folder,
+        defense folder, record, the record's sha256, the run's config)``."""
         parser = self.build_parser(script_file)
         args = parse_config(parser, argv, config)
         if not args.result_file:
@@ -199,7 +208,7 @@ class Defense:
         source = record_folder(args.record_root, args.result_file)
         args.save_folder_name = args.save_folder_name or self.name
         folder = record_folder(source / 'defense', args.save_folder_name)
-        device = resolve_device(args.device)
+        resolve_device(args.device)
         TrainSettings.from_args(args)  # checks the fine-tuning options
         record = load_attack_record(source)
         parent_sha256 = check_record_hash(source)
@@ -208,7 +217,12 @@ class Defense:
         if args.model is not None and args.model != record['model_name']:
             raise UserError(f"{source} holds a {record['model_name']} model, but --model/YAML asks for {args.model}")
         args.dataset, args.model = record['dataset'], record['model_name']
-        config = config_to_dict(args) | {'defense': self.name}
+        return args, source, folder, record, parent_sha256, config_to_dict(args) | {'defense': self.name}
+
+    def run(self, script_file: str, argv: Sequence[str] | None = None, config: dict[str, Any] | None = None) -> dict:
+        """The whole defense: every check happens before anything is written."""
+        args, source, folder, record, parent_sha256, config = self.resolve(script_file, argv, config)
+        device = resolve_device(args.device)
         run = RunFolder(folder, what=f'the defense folder {folder}', results=(DEFENSE_RESULT,), resume=args.resume,
                         overwrite=args.overwrite, parent_lock=source.parent / f'.{source.name}.lock').open()
         try:
