@@ -161,3 +161,13 @@ def test_two_sweeps_of_one_name_do_not_collide(tmp_path):
     first.communicate()
     lines = [line for line in second.stderr.strip().splitlines() if not line.startswith('warning:')]
     assert second.returncode == 2 and len(lines) == 1 and 'in use by process' in lines[0], describe(second)
+
+
+@pytest.mark.parametrize('path', sorted((REPO_ROOT / 'config' / 'sweep').glob('*.yaml')), ids=lambda p: p.stem)
+def test_every_shipped_sweep_plans(path, tmp_path):
+    from utils.sweep import load_sweep, plan
+    sweep = load_sweep(path)
+    steps = plan(sweep, tmp_path)
+    attacks = [s for s in steps if s.kind == 'attack']
+    assert len(attacks) == len(sweep['attacks']) * len(sweep['models']) * len(sweep['seeds'])
+    assert len(steps) - len(attacks) == len(attacks) * len(sweep['defenses'])
