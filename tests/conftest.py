@@ -15,7 +15,8 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # CI clones the repository into a sibling folder of `shared`, so this relative location holds there too.
-CIFAR10_DIR = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'cifar10'
+# CIFAR10_DIR in the environment points elsewhere (bench/gpu_check.sh: a carried subset on a GPU machine).
+CIFAR10_DIR = Path(os.environ.get('CIFAR10_DIR') or Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'cifar10')
 
 # Two CPU cores are shared with long training runs: one thread each is much faster than
 # oversubscribed threads fighting over them.

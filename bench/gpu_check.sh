@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The CUDA path checked and timed in one run, meant for a lent GPU (under 8 minutes on one H100):
+#   1. the CUDA-marked tests (tests/test_cuda.py: training with and without AMP, evaluation against
+#      the CPU, FMP's replica-batched ranking against the reference loop, a GPU record defended on the CPU);
+#   2. BadNets on PreAct-ResNet18, the shipped YAML for $EPOCHS epochs (the paper's recipe, shortened);
+#   3. training throughput of PreAct-ResNet18, this toolkit's pipeline against a BackdoorBench-style
+#      one (PIL transforms, DataLoader workers), same batch size, same run (bench/throughput.py);
+#   4. FMP's ranking of every feature map of that record's model, reference loop against the fast path,
+#      with whether the flags are identical (bench/fmp_rank.py);
+#   5. FMP and FT on the record, each printing its before/after table.
+#
+# A GPU machine has no CIFAR-10 and no network: make a subset that travels (53 MB), here, once:
+#     python bench/cifar_subset.py --out .gpu_data/cifar10 --train 15000 --test 3000
+# then, on the GPU machine, from the repository root:
+#     bash bench/gpu_check.sh .gpu_data/cifar10
+# Each step's output goes to the screen and to $OUT/<step>.txt (default record/gpu_check); records
+# to $RECORD (default /tmp/gpu_check_record). DEVICE, MODEL, IMAGES, EPOCHS and LAYERS shrink the run
+# for a look on a CPU (e.g. DEVICE=cpu MODEL=resnet20 IMAGES=512 EPOCHS=1 LAYERS=2). Exit 1 if any step failed.
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+DATA=$(realpath "${1:-data}")
+OUT=${OUT:-record/gpu_check}
+RECORD=${RECORD:-/tmp/gpu_check_record}
+DEVICE=${DEVICE:-cuda}
+MODEL=${MODEL:-preactresnet18}
+IMAGES=${IMAGES:-50000}
+EPOCHS=${EPOCHS:-20}
+LAYERS=${LAYERS:-}
+mkdir -p "$OUT" "$RECORD"
+rm -f "$OUT"/{environment,cuda_tests,attack,throughput,fmp_rank,defenses}.txt
+export PYTHONUNBUFFERED=1 CIFAR10_DIR="$DATA"
+failed=()
+
+step() {  # step NAME SECONDS COMMAND...: run it under a time limit; output to the screen and $OUT/NAME.txt
+    local name=$1 limit=$2 started=$SECONDS code
+    shift 2
+    echo "== $name (limit $limit s)"
+    timeout "$limit" "$@" 2>&1 | grep --line-buffered -v 'differs from the official archive\|return _load_cifar' | tee "$OUT/$name.txt"
+    code=${PIPESTATUS[0]}
+    echo "== $name: exit $code after $((SECONDS - started)) s" | tee -a "$OUT/$name.txt"
+    [ "$code" = 0 ] || failed+=("$name")
+}
+
+step environment 30 python3 -c "
+import torch, torchvision
+print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'CUDA', torch.version.cuda)
+print('device:', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device visible')"
+if [ "$DEVICE" != cpu ]; then
+    step cuda_tests 100 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py
+fi
+step attack 120 python3 ./attack/badnet_attack.py --yaml_path ../config/attack/badnet/cifar10.yaml --dataset cifar10 \
+    --dataset_path "$DATA" --save_folder_name badnet_gpu --model "$MODEL" --epochs "$EPOCHS" --record_root "$RECORD" \
+    --device "$DEVICE" --overwrite
+step throughput 100 python3 bench/throughput.py --model "$MODEL" --device "$DEVICE" --images "$IMAGES" \
+    --batch_size 128 --workers 4 --dataset_path "$DATA"
+# ranked on the trained record: a model with random weights scores every map alike, which proves nothing
+step fmp_rank 120 python3 bench/fmp_rank.py --result_file badnet_gpu --record_root "$RECORD" --device "$DEVICE" ${LAYERS:+--layers "$LAYERS"}
+step defenses 100 bash -c "set -e
+python3 ./defense/feature.py --yaml_path ./config/defense/feature/cifar10.yaml --dataset cifar10 --result_file badnet_gpu \
+    --record_root '$RECORD' --device '$DEVICE' --overwrite
+python3 ./defense/ft/ft.py --result_file badnet_gpu --yaml_path ./config/defense/ft/cifar10.yaml --dataset cifar10 \
+    --record_root '$RECORD' --device '$DEVICE' --overwrite"
+
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "failed: ${failed[*]}"
+    exit 1
+fi
+echo "all steps passed"
