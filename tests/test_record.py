@@ -232,3 +232,21 @@ def test_defense_metrics_recompute_from_the_record(defense_record, attack_record
     stored = defense_record['metrics']
     assert metrics == {k: stored[k] for k in ('acc', 'asr', 'ra')}
     assert not math.isnan(stored['der'])
+
+
+def test_an_exported_copy_without_git_still_names_its_commit(tmp_path):
+    """``git archive`` (how release tarballs are made) writes the commit into utils/COMMIT, so records
+    made from such a copy say which code made them."""
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+    head = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
+    if not head:
+        pytest.skip('not a git checkout')
+    archive = subprocess.run(['git', 'archive', 'HEAD'], cwd=REPO_ROOT, capture_output=True, check=True).stdout
+    subprocess.run(['tar', '-x', '-C', str(tmp_path)], input=archive, check=True)
+    version = subprocess.run([sys.executable, '-c', 'from utils.record import code_version; print(code_version())'],
+                             cwd=tmp_path, capture_output=True, text=True, env={'PATH': '/usr/bin:/bin', 'GIT_CEILING_DIRECTORIES': str(tmp_path.parent)})
+    assert version.returncode == 0, version.stderr
+    assert len(version.stdout.strip()) >= 7 and head.startswith(version.stdout.strip())

@@ -180,7 +180,8 @@ def load_record_model(record: dict):
 
 
 def code_version() -> str:
-    """The repository's commit (with ``+changes`` when the working tree differs), or 'unknown'."""
+    """The repository's commit (with ``+changes`` when the working tree differs); in an exported copy
+    without git, the commit ``git archive`` wrote into utils/COMMIT; else 'unknown'."""
     import subprocess
     from . import REPO_ROOT
     try:
@@ -189,8 +190,11 @@ def code_version() -> str:
         dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=REPO_ROOT,
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return 'unknown'
-    return (commit + ('+changes' if dirty else '')) if commit else 'unknown'
+        commit, dirty = '', ''
+    if not commit:   # an exported copy (git archive, a release tarball): the commit git wrote into utils/COMMIT
+        archived = (REPO_ROOT / 'utils' / 'COMMIT').read_text().strip() if (REPO_ROOT / 'utils' / 'COMMIT').exists() else ''
+        return archived if archived and not archived.startswith('$') else 'unknown'
+    return commit + ('+changes' if dirty else '')
 
 
 def metrics_table(rows: dict[str, dict[str, float]]) -> str:
