@@ -17,7 +17,7 @@ import time
 import torch
 
 from models import build_model
-from utils.config import resolve_device, run_main
+from utils.config import resolve_device, run_main, synchronize
 from utils.data import dataset_spec, load_splits
 from utils.evaluate import predict
 from utils.fmp import RankSettings, flag_channels, rank_feature_maps, rank_reference
@@ -74,12 +74,10 @@ def main(argv=None):
 
     timings, results = {}, {}
     for label, rank in (('reference', rank_reference), ('fast', rank_feature_maps)):
-        if device.type == 'cuda':
-            torch.cuda.synchronize()
+        synchronize(device)
         started = time.perf_counter()
         results[label] = rank(model, x, y, settings, torch.Generator().manual_seed(args.seed), only=only)
-        if device.type == 'cuda':
-            torch.cuda.synchronize()
+        synchronize(device)
         timings[label] = time.perf_counter() - started
         print(f'{label:>9}: {timings[label]:8.2f} s  ({1000 * timings[label] / channels:.1f} ms per feature map)')
 

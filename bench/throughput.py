@@ -26,14 +26,9 @@ from PIL import Image
 
 from models import build_model
 from utils import REPO_ROOT
-from utils.config import resolve_device, run_main, str2bool
+from utils.config import resolve_device, run_main, str2bool, synchronize
 from utils.data import Split, dataset_spec, load_dataset
 from utils.train import TrainSettings, train
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
 
 
 def toolkit_images_per_second(model, data: Split, batch_size: int, amp: bool, device, warmup: int) -> float:

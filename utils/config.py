@@ -228,6 +228,13 @@ def resolve_device(name: str):
     return device
 
 
+
+def synchronize(device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously), so a timer read after it is true."""
+    import torch
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and every GPU)."""
     import torch
