@@ -16,6 +16,14 @@ pytestmark = [pytest.mark.cuda,
 CPU, GPU = torch.device('cpu'), torch.device('cuda')
 
 
+@pytest.fixture
+def exact_arithmetic(monkeypatch):
+    """Full-precision float32 (no TF32) and deterministic cuDNN for this test only."""
+    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', False)
+    monkeypatch.setattr(torch.backends.cudnn, 'deterministic', True)
+
+
 def synthetic_split(n=512, seed=0) -> Split:
     """Images whose class is written in their mean colour: learnable in one epoch."""
     generator = torch.Generator().manual_seed(seed)
@@ -36,8 +44,7 @@ def test_training_on_the_gpu_learns_with_and_without_mixed_precision(amp):
     assert rows[-1]['train_loss'] < rows[0]['train_loss']
 
 
-def test_gpu_predictions_match_the_cpu():
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+def test_gpu_predictions_match_the_cpu(exact_arithmetic):
     model = build_model('resnet20', 10, (3, 32, 32), dataset='cifar10').eval()
     images = synthetic_split(256).images.float() / 255
     on_cpu = predict(model, images, CPU)
@@ -46,9 +53,7 @@ def test_gpu_predictions_match_the_cpu():
     assert (on_cpu == on_gpu).float().mean() >= 0.99
 
 
-def test_replica_batched_ranking_flags_what_the_reference_loop_flags():
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.deterministic = True
+def test_replica_batched_ranking_flags_what_the_reference_loop_flags(exact_arithmetic):
     torch.manual_seed(0)
     model = build_model('resnet20', 10, (3, 32, 32), dataset='cifar10')
     train(model, synthetic_split(), TrainSettings(epochs=2, batch_size=64, lr=0.05, amp=False), GPU, log=lambda _: None)
