@@ -192,7 +192,8 @@ def code_version() -> str:
     except (OSError, subprocess.SubprocessError):
         commit, dirty = '', ''
     if not commit:   # an exported copy (git archive, a release tarball): the commit git wrote into utils/COMMIT
-        archived = (REPO_ROOT / 'utils' / 'COMMIT').read_text().strip() if (REPO_ROOT / 'utils' / 'COMMIT').exists() else ''
+        archived_file = Path(__file__).with_name('COMMIT')
+        archived = archived_file.read_text().strip() if archived_file.exists() else ''
         return archived if archived and not archived.startswith('$') else 'unknown'
     return commit + ('+changes' if dirty else '')
 
