@@ -39,8 +39,8 @@ import torch
 
 from utils import REPO_ROOT
 from utils.config import resolve_device, run_main
-from utils.data import class_balanced_subset, load_splits
-from utils.defense import run_defense
+from utils.data import class_balanced_subset
+from utils.defense import record_splits, run_defense
 from utils.evaluate import evaluate
 from utils.fmp import OBJECTIVES, SCORES, PruneAmount, fmp_flags, random_channels
 from utils.poison import PoisonedSet
@@ -125,10 +125,7 @@ def ranking(record_name, args, **options):
 def evaluation_sets(record, args):
     """The record's clean test split and poisoned test inputs; with ``--eval_images N`` a seeded,
     class-balanced subset of N clean test images and the poisoned versions of those images."""
-    config = record['attack_config']
-    _, test = load_splits(record['dataset'], config['dataset_path'], config.get('train_fraction', 1.0),
-                          config.get('test_fraction', 1.0), config['random_seed'])
-    bd_test = PoisonedSet.from_record(record['bd_test'])
+    _, test, bd_test = record_splits(record)
     if args.eval_images and args.eval_images < len(test):
         chosen = class_balanced_subset(test.labels, args.eval_images / len(test), seed=12345)
         keep = torch.isin(bd_test.index, chosen)

@@ -19,7 +19,7 @@ from utils.defense import PruningDefense, Selection, register_defense
 from utils.evaluate import predict
 from utils.fmp import (PRUNE_MODES, ROUNDINGS, SCOPES, SELECT_MODES, TIE_BREAKS, PruneAmount,
                        RankSettings, fmp_flags, random_channels, rank_feature_maps, rank_reference, timed)
-from utils.pruning import PAIRINGS, check_prunable, highest_channels, module_order_targets
+from utils.pruning import PAIRINGS, check_prunable, conv_layers, highest_channels, module_order_targets
 from utils.record import save_json
 
 
@@ -106,6 +106,10 @@ class FeatureMapPruning(PruningDefense):
 
     def keep_pruned(self, args):
         return args.prune_mode == 'mask'
+
+    def prunable_units(self, args, model, input_shape):
+        layers = conv_layers(model, input_shape)
+        return layers if args.pairing == 'graph' else module_order_targets(model, layers)
 
     def select(self, ctx):
         args = ctx.args

@@ -236,13 +236,9 @@ def test_a_model_without_batchnorm_is_refused(mlp_record, name):
 
 
 def test_the_defense_table_reads_a_finished_run_with_the_same_options_instead_of_rerunning(badnet_record, monkeypatch):
-    import importlib.util
-
     from utils import REPO_ROOT
     from utils.defense import run_defense
-    spec = importlib.util.spec_from_file_location('defense_table', REPO_ROOT / 'bench' / 'defense_table.py')
-    table = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(table)
+    table = load_defense_table()
     common = {'ratio': 0.1, 'device': 'cpu', 'epochs': 1}
     earlier = run_defense('ft', {'yaml_path': str(REPO_ROOT / 'config' / 'defense' / 'ft' / 'cifar10.yaml'),
                                  'result_file': 'badnet_small', 'record_root': str(badnet_record),
@@ -256,3 +252,59 @@ def test_the_defense_table_reads_a_finished_run_with_the_same_options_instead_of
     assert not (badnet_record / 'badnet_small' / 'defense' / 'reuse_ft').exists()
     with pytest.raises(AssertionError, match='ran again'):   # one option apart is another run
         table.run_table('badnet_small', str(badnet_record), [('ft', 'ft', {'lr': 0.02})], common, prefix='reuse_')
+
+
+def load_defense_table():
+    import importlib.util
+
+    from utils import REPO_ROOT
+    spec = importlib.util.spec_from_file_location('defense_table', REPO_ROOT / 'bench' / 'defense_table.py')
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    return table
+
+
+# QUICK's options, so that the table reads the runs test_each_defense_runs_and_writes_the_shared_record made
+CONTROL_RUNS = {'clp': {}, 'bnp': {}, 'fp': {'epochs': 1, 'ratio': 0.2}}
+
+
+@pytest.mark.parametrize('name', sorted(CONTROL_RUNS))
+def test_the_random_control_prunes_like_the_defense_at_its_counts_and_is_kept(badnet_record, name, monkeypatch):
+    import argparse
+
+    from utils.defense import record_splits
+    from utils.evaluate import evaluate
+    from utils.fmp import random_channels
+    from utils.record import load_attack_record, load_record_model, load_torch
+    from utils.registry import DEFENSES
+    table = load_defense_table()
+    rows = table.run_table('badnet_small', str(badnet_record), [(name, name, CONTROL_RUNS[name])],
+                           {'ratio': 0.1, 'device': 'cpu'}, prefix='', random_draws=2)
+    control = rows[1]['random_pruning_alone']
+    assert all(len(control[key]) == 2 for key in ('acc', 'asr', 'ra'))
+    # the defense's own channels through the control's pruning give the defense's own pruning-alone result
+    record = load_attack_record(badnet_record / 'badnet_small')
+    result = load_torch(badnet_record / 'badnet_small' / 'defense' / name / 'defense_result.pt', 'defense record')
+    args, shape = argparse.Namespace(**result['defense_config']), tuple(record['input_shape'])
+    defense = DEFENSES.get(name)()
+    model = load_record_model(record)
+    defense.prune_at(model, args, shape, result['pruned_channels'])
+    assert evaluate(model, *record_splits(record)[1:], CPU) == pytest.approx(result['metrics_after_pruning'])
+    # a draw prunes exactly the defense's per-unit counts
+    counts = {unit: len(c) for unit, c in result['pruned_channels'].items() if len(c)}
+    widths = {unit: len(s) for unit, s in result['channel_scores'].items()}
+    draw = random_channels(counts, widths, torch.Generator().manual_seed(0))
+    model = load_record_model(record)
+    defense.prune_at(model, args, shape, draw)
+    modules = dict(model.named_modules())
+    for unit, channels in draw.items():
+        weight = modules[unit].weight
+        zeroed = (weight == 0).all(dim=0) if name == 'fp' else (weight.flatten(1) == 0).all(dim=1) if weight.dim() > 1 else weight == 0
+        assert sorted(zeroed.nonzero().flatten().tolist()) == channels.tolist(), unit
+    # kept: a second table neither reruns the defense nor redraws
+    monkeypatch.setattr(table, 'random_control', lambda *a, **k: pytest.fail('drew again'))
+    monkeypatch.setattr(table, 'run_defense', lambda *a, **k: pytest.fail('ran again'))
+    again = table.run_table('badnet_small', str(badnet_record), [(name, name, CONTROL_RUNS[name])],
+                            {'ratio': 0.1, 'device': 'cpu'}, prefix='', random_draws=2)
+    assert again[1]['random_pruning_alone'] == control
+    assert '±' in table.markdown('badnet_small', 'badnet', again)

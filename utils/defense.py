@@ -24,7 +24,7 @@ from .config import (ToolkitParser, add_common_arguments, config_to_dict, fracti
 from .data import DATASETS, Split, class_balanced_subset, dataset_spec, load_splits, to_float
 from .evaluate import defense_effectiveness_rating, detection_metrics, evaluate
 from .poison import PoisonedSet, poisoned_training_split
-from .pruning import above_mean_plus, highest_channels, prune_channels, trigger_lift
+from .pruning import above_mean_plus, bn_units, conv_layers, highest_channels, prune_channels, trigger_lift
 from .record import (DEFENSE_RESULT, Log, code_version, load_attack_record, load_record_model, metrics_table,
                      record_folder, save_csv, save_json, save_torch, save_yaml)
 from .registry import DEFENSES, register_defense  # noqa: F401  (register_defense: for defense modules)
@@ -38,6 +38,16 @@ def defense_identity(name: str, config: dict[str, Any] | None = None, argv: Sequ
     defense = DEFENSES.get(name)()
     *_, parent_sha256, config = defense.resolve(str(DEFENSES.script(name)), list(argv), config)
     return identity_of(config, attack_record_sha256=parent_sha256)
+
+
+def record_splits(record: dict, dataset_path: str | Path | None = None) -> tuple[Split, Split, PoisonedSet]:
+    """The training and clean test splits an attack record was made from (its dataset, fractions and
+    seed; ``dataset_path`` overrides where the data lies) and its poisoned test inputs."""
+    config = record['attack_config']
+    train_split, test = load_splits(record['dataset'], dataset_path or config['dataset_path'],
+                                    config.get('train_fraction', 1.0), config.get('test_fraction', 1.0),
+                                    config['random_seed'])
+    return train_split, test, PoisonedSet.from_record(record['bd_test'])
 
 
 def run_defense(name: str, config: dict[str, Any] | None = None, argv: Sequence[str] = ()) -> dict:
@@ -228,11 +238,7 @@ class Defense:
         try:
             run.check_resume(identity_of(config, attack_record_sha256=parent_sha256), args.lr_scheduler)
             model = load_record_model(record)
-            attack_config = record['attack_config']
-            data_path = args.dataset_path or attack_config['dataset_path']
-            train_split, test = load_splits(record['dataset'], data_path, attack_config.get('train_fraction', 1.0),
-                                            attack_config.get('test_fraction', 1.0), attack_config['random_seed'])
-            bd_test = PoisonedSet.from_record(record['bd_test'])
+            train_split, test, bd_test = record_splits(record, args.dataset_path)
             seed_everything(args.random_seed)
             clean_subset = train_split.subset(class_balanced_subset(train_split.labels, args.ratio, args.random_seed))
             self.check(args, model, clean_subset)
@@ -328,8 +334,19 @@ class PruningDefense(Defense):
         """Whether fine-tuning keeps the pruned channels at zero (else they may regrow)."""
         return True
 
-    def prune(self, ctx: DefenseContext, selection: Selection) -> None:
-        prune_channels(selection.units, selection.pruned, self.zero_bn_bias(ctx.args))
+    def prune(self, model: nn.Module, args, selection: Selection) -> None:
+        """Zero the selected channels of ``model``, whose units ``selection.units`` are."""
+        prune_channels(selection.units, selection.pruned, self.zero_bn_bias(args))
+
+    def prunable_units(self, args, model: nn.Module, input_shape: tuple[int, ...]) -> list:
+        """Every unit a selection of this defense may name: each conv layer with its BatchNorm (FMP,
+        CLP) and each BatchNorm alone (ANP, BNP, RNP); their names do not clash."""
+        return conv_layers(model, input_shape) + bn_units(model, input_shape)
+
+    def prune_at(self, model: nn.Module, args, input_shape: tuple[int, ...], pruned: dict[str, torch.Tensor]) -> None:
+        """Prune ``pruned`` channels of ``model`` (a fresh copy of the record's model) the way this
+        defense prunes: the random control at a defense's own per-unit counts (bench/defense_table.py)."""
+        self.prune(model, args, Selection(self.prunable_units(args, model, input_shape), {}, pruned))
 
     def defend(self, ctx: DefenseContext) -> DefenseResult:
         selection = self.select(ctx)
@@ -344,12 +361,12 @@ class PruningDefense(Defense):
                 f'same per-unit counts (random choice: {overlap["random_expected_with_oracle"]} expected)')
         if getattr(ctx.args, 'rank_only', False):
             return DefenseResult(data=data, summary=summary)
-        self.prune(ctx, selection)
+        self.prune(ctx.model, ctx.args, selection)
         pruned_metrics = ctx.evaluate()
         ctx.log('after pruning, before fine-tuning: ' + ' '.join(f'{k}={v:.4f}' for k, v in pruned_metrics.items()))
         data['metrics_after_pruning'] = summary['after_pruning'] = pruned_metrics
         if ctx.args.epochs > 0:
-            after_step = (lambda model: self.prune(ctx, selection)) if self.keep_pruned(ctx.args) else None
+            after_step = (lambda model: self.prune(ctx.model, ctx.args, selection)) if self.keep_pruned(ctx.args) else None
             started = time.time()
             ctx.finetune(after_step=after_step)
             summary['finetune_seconds'] = round(time.time() - started, 3)

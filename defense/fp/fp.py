@@ -61,8 +61,8 @@ class FinePruning(PruningDefense):
             raise UserError(f'holdout {args.holdout} of the clean subset ({len(clean_subset)} images) leaves no images '
                             'to hold out or none to rank with: raise ratio or change holdout')
 
-    def prune(self, ctx, selection):
-        zero_classifier_columns(ctx.model, selection.pruned['linear'])
+    def prune(self, model, args, selection):
+        zero_classifier_columns(model, selection.pruned['linear'])
 
     def select(self, ctx):
         args = ctx.args
