@@ -187,3 +187,14 @@ def mlp_record(tmp_path_factory, cifar10_dir):
                         timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     return root
+
+
+def load_bench(name: str):
+    """A script of bench/ (not a package) as a module, for tests of its functions."""
+    import importlib.util
+
+    from utils import REPO_ROOT
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / 'bench' / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

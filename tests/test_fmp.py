@@ -16,7 +16,7 @@ from utils.fmp import RankSettings, flag_channels, rank_feature_maps, rank_refer
 from utils.pruning import conv_layers, keep_pruned, prune_channels
 from utils.train import TrainSettings, train
 
-from conftest import CIFAR10_DIR as CIFAR, ONE_LINE_ERROR, run_script, snapshot
+from conftest import CIFAR10_DIR as CIFAR, ONE_LINE_ERROR, load_bench, run_script, snapshot
 
 CPU = torch.device('cpu')
 
@@ -429,22 +429,13 @@ def test_random_and_oracle_selection_through_the_cli(badnet_record):
     assert summary['overlap']['with_oracle'] == len(oracle) and summary['overlap']['fmp_with_oracle'] <= len(oracle)
 
 
-def load_ablation():
-    import importlib.util
-    from utils import REPO_ROOT
-    spec = importlib.util.spec_from_file_location('fmp_ablation', REPO_ROOT / 'bench' / 'fmp_ablation.py')
-    ablation = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ablation)
-    return ablation
-
-
 def test_ranking_variants_live_in_the_ablation_not_in_the_defense(badnet_record):
     """The toolkit's ranking variants have not beaten random, so defense/feature.py does not offer them;
     the ablation's subclass does, and a variant changes the scores."""
     result = run('./defense/feature.py', '--yaml_path', './config/defense/feature/cifar10.yaml', '--result_file',
                  'badnet_small', '--rank_objective', 'excite', record_root=badnet_record)
     assert result.returncode == 2 and len(error_lines(result)) == 1 and 'rank_objective' in result.stderr
-    ablation = load_ablation()
+    ablation = load_bench('fmp_ablation')
     args = argparse.Namespace(record_root=str(badnet_record), device='cpu')
     common = {'dataset_path': CIFAR, 'n_rank': 2}
     fmp = ablation.ranking('badnet_small', args, **common)['channel_scores']
@@ -455,7 +446,7 @@ def test_ranking_variants_live_in_the_ablation_not_in_the_defense(badnet_record)
 def test_ablation_report_says_when_fmp_is_no_better_than_random(tmp_path):
     """bench/fmp_ablation.py --stage report: FMP is 'better' only below every random seed's ASR without
     losing ACC to all of them; the verdicts and the variants' table come from the rows alone."""
-    ablation = load_ablation()
+    ablation = load_bench('fmp_ablation')
     header = ','.join(ablation.FIELDS)
     rows = [  # record,attack,train_seed,stage,select,selection_seed,amount,pairing,variant,maps,with_oracle,acc,asr,ra,s
         'r,badnet,0,prune,fmp,,1/16,graph,,49,0,68.00,80.00,10.00,1',

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import CIFAR10_DIR as CIFAR, ONE_LINE_ERROR, run_script, snapshot
+from conftest import CIFAR10_DIR as CIFAR, ONE_LINE_ERROR, load_bench, run_script, snapshot
 from defense.anp.anp import anp_loss
 from defense.bnp.bnp import gaussian_kl, input_moments
 from defense.clp.clp import channel_lipschitz_bounds
@@ -238,7 +238,7 @@ def test_a_model_without_batchnorm_is_refused(mlp_record, name):
 def test_the_defense_table_reads_a_finished_run_with_the_same_options_instead_of_rerunning(badnet_record, monkeypatch):
     from utils import REPO_ROOT
     from utils.defense import run_defense
-    table = load_defense_table()
+    table = load_bench('defense_table')
     common = {'ratio': 0.1, 'device': 'cpu', 'epochs': 1}
     earlier = run_defense('ft', {'yaml_path': str(REPO_ROOT / 'config' / 'defense' / 'ft' / 'cifar10.yaml'),
                                  'result_file': 'badnet_small', 'record_root': str(badnet_record),
@@ -252,16 +252,6 @@ def test_the_defense_table_reads_a_finished_run_with_the_same_options_instead_of
     assert not (badnet_record / 'badnet_small' / 'defense' / 'reuse_ft').exists()
     with pytest.raises(AssertionError, match='ran again'):   # one option apart is another run
         table.run_table('badnet_small', str(badnet_record), [('ft', 'ft', {'lr': 0.02})], common, prefix='reuse_')
-
-
-def load_defense_table():
-    import importlib.util
-
-    from utils import REPO_ROOT
-    spec = importlib.util.spec_from_file_location('defense_table', REPO_ROOT / 'bench' / 'defense_table.py')
-    table = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(table)
-    return table
 
 
 # QUICK's options, so that the table reads the runs test_each_defense_runs_and_writes_the_shared_record made:
@@ -278,7 +268,7 @@ def test_the_random_control_prunes_like_the_defense_at_its_counts_and_is_kept(ba
     from utils.fmp import random_channels
     from utils.record import load_attack_record, load_record_model, load_torch
     from utils.registry import DEFENSES
-    table = load_defense_table()
+    table = load_bench('defense_table')
     rows = table.run_table('badnet_small', str(badnet_record), [(name, name, CONTROL_RUNS[name])],
                            {'ratio': 0.1, 'device': 'cpu'}, prefix='', random_draws=2)
     control = rows[1]['random_pruning_alone']
