@@ -36,6 +36,16 @@ def test_cifar10_spec():
         dataset_spec('mnist')
 
 
+@pytest.mark.parametrize('name', ['CIFAR10', 'CIFAR100'])
+def test_cifar_checksum_table_matches_torchvisions(name):
+    """utils/data keeps the official file list and md5 sums itself (reading needs no torchvision)."""
+    from utils.data import CIFAR_FILES
+    tv_class = getattr(torchvision.datasets, name)
+    base, train_files, test_files = CIFAR_FILES[name]
+    assert base == tv_class.base_folder
+    assert train_files == dict(tv_class.train_list) and test_files == dict(tv_class.test_list)
+
+
 def test_missing_dataset_names_where_it_looked(tmp_path, monkeypatch):
     calls = []
 

@@ -77,31 +77,49 @@ def _read_cifar_batches(folder: Path, files: list[str], label_key: str) -> Split
     return Split(torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)))
 
 
-def _load_cifar(path: Path, tv_class_name: str, label_key: str) -> tuple[Split, Split]:
-    """Read the standard pickle layout directly; checksums are checked against torchvision's
-    list and a mismatch is a warning (a reordered but pixel-exact copy is still valid data)."""
+# The official archives' files and md5 sums (the same table torchvision.datasets.CIFAR10/100 check);
+# kept here so that reading a local copy does not import torchvision (about 2 s per process).
+CIFAR_FILES = {
+    'CIFAR10': ('cifar-10-batches-py',
+                {'data_batch_1': 'c99cafc152244af753f735de768cd75f', 'data_batch_2': 'd4bba439e000b95fd0a9bffe97cbabec',
+                 'data_batch_3': '54ebc095f3ab1f0389bbae665268c751', 'data_batch_4': '634d18415352ddfa80567beed471001a',
+                 'data_batch_5': '482c414d41f54cd18b22e5b47cb7c3cb'},
+                {'test_batch': '40351d587109b95175f43aff81a1287e'}),
+    'CIFAR100': ('cifar-100-python', {'train': '16019d7e3df5f24257cddd939b257f8d'},
+                 {'test': 'f0ef6b0ae62326f3e7ffdfab6717acfc'}),
+}
+
+
+def _download_cifar(tv_class_name: str, target: Path, candidates: list[Path]) -> None:
+    """Download through torchvision into ``target``; a one-line error when that fails."""
     import torchvision.datasets as tvd
     tv_class = getattr(tvd, tv_class_name)
-    base = tv_class.base_folder
+    try:
+        tv_class(str(target), train=True, download=True)
+        tv_class(str(target), train=False, download=True)
+    except Exception as exc:  # no network, no permission, interrupted download ...
+        looked = ', '.join(str(c) for c in dict.fromkeys(candidates))
+        raise UserError(f'{tv_class_name} not found (looked in {looked}) and the download into {target} '
+                        f'failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ""})') from None
+
+
+def _load_cifar(path: Path, tv_class_name: str, label_key: str) -> tuple[Split, Split]:
+    """Read the standard pickle layout directly; checksums are checked against the official archive's
+    and a mismatch is a warning (a reordered but pixel-exact copy is still valid data)."""
+    base, train_files, test_files = CIFAR_FILES[tv_class_name]
+    expected = {**train_files, **test_files}
     candidates = [path, path / base, path / tv_class_name.lower() / base]
-    expected = dict(tv_class.train_list + tv_class.test_list)
     folder = next((c for c in candidates if all((c / f).is_file() for f in expected)), None)
     if folder is None:
         target = path / tv_class_name.lower()
-        try:
-            tv_class(str(target), train=True, download=True)
-            tv_class(str(target), train=False, download=True)
-        except Exception as exc:  # no network, no permission, interrupted download ...
-            looked = ', '.join(str(c) for c in dict.fromkeys(candidates))
-            raise UserError(f'{tv_class_name} not found (looked in {looked}) and the download into {target} '
-                            f'failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ""})') from None
+        _download_cifar(tv_class_name, target, candidates)
         folder = target / base
     mismatched = [f for f, md5 in expected.items() if _md5(folder / f) != md5]
     if mismatched:
         warnings.warn(f'{folder}: md5 of {", ".join(mismatched)} differs from the official archive; '
                       'reading the batches directly (expected for a reordered copy)', stacklevel=2)
-    train = _read_cifar_batches(folder, [f for f, _ in tv_class.train_list], label_key)
-    test = _read_cifar_batches(folder, [f for f, _ in tv_class.test_list], label_key)
+    train = _read_cifar_batches(folder, list(train_files), label_key)
+    test = _read_cifar_batches(folder, list(test_files), label_key)
     return train, test
 
 
