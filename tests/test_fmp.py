@@ -206,20 +206,6 @@ def test_fmp_cli_lowers_asr_and_keeps_acc(badnet_record):
     assert summary['rank_seconds'] > 0 and summary['finetune_seconds'] > 0
 
 
-def test_rank_only_writes_scores_without_a_model_into_its_own_folder(badnet_record, tmp_path):
-    defenses = badnet_record / 'badnet_small' / 'defense'
-    before = snapshot(defenses) if defenses.exists() else {}
-    result = run('./defense/feature.py', '--yaml_path', './config/defense/feature/cifar10.yaml', '--result_file',
-                 'badnet_small', '--dataset_path', CIFAR, '--rank_only', '--n_rank', 4,
-                 '--save_folder_name', 'rank_sweep', record_root=badnet_record)
-    assert result.returncode == 0, result.stderr[-2000:]
-    out = defenses / 'rank_sweep'
-    assert (out / 'channel_scores.csv').exists() and (out / 'summary.json').exists()
-    assert not (out / 'defense_result.pt').exists()
-    after = snapshot(defenses)
-    assert {k: v for k, v in after.items() if not k.lstrip('.').startswith('rank_sweep')} == before  # other runs untouched
-
-
 @pytest.mark.parametrize('extra, message', [
     (['--prune_exponent', -1], 'prune_exponent'),
     (['--n_rank', 100000], 'n_rank'),
@@ -404,28 +390,38 @@ def test_module_order_equals_graph_pairing_where_the_orders_agree():
 
 
 def test_random_and_oracle_selection_through_the_cli(badnet_record):
-    """rank_only runs: the random control keeps FMP's per-layer counts and follows its seed; the
-    oracle finds more trigger-excited maps than FMP on a BadNets record (it looks at the trigger)."""
+    """rank_only runs write scores without a model, into their own folder only; the random control
+    keeps FMP's per-layer counts and follows --selection_seed; the oracle keeps them too, and its maps
+    are the trigger-excited set that FMP's are compared with."""
+    defenses = badnet_record / 'badnet_small' / 'defense'
+
     def selection(*extra, folder):
+        before = snapshot(defenses) if defenses.exists() else {}
         result = run('./defense/feature.py', '--yaml_path', './config/defense/feature/cifar10.yaml', '--result_file',
                      'badnet_small', '--dataset_path', CIFAR, '--rank_only', '--n_rank', 2, '--prune_exponent', 4,
                      '--min_prune', 1, '--save_folder_name', folder, *extra, record_root=badnet_record)
         assert result.returncode == 0, result.stderr[-2000:]
-        out = badnet_record / 'badnet_small' / 'defense' / folder
-        rows = (out / 'channel_scores.csv').read_text().splitlines()[1:]
-        table = [line.split(',') for line in rows]
+        out = defenses / folder
+        assert not (out / 'defense_result.pt').exists()
+        after = snapshot(defenses)
+        assert {k: v for k, v in after.items() if not k.lstrip('.').startswith(folder)} == before  # other runs untouched
+        table = [line.split(',') for line in (out / 'channel_scores.csv').read_text().splitlines()[1:]]
+        widths, counts = {}, {}
+        for layer, _, _, _, fmp_flag, _ in table:
+            widths[layer] = widths.get(layer, 0) + 1
+            counts[layer] = counts.get(layer, 0) + int(fmp_flag)
         pruned = {(r[0], int(r[1])) for r in table if r[5] == '1'}
         fmp = {(r[0], int(r[1])) for r in table if r[4] == '1'}
-        return pruned, fmp, json.loads((out / 'summary.json').read_text())
+        return pruned, fmp, json.loads((out / 'summary.json').read_text()), counts, widths
 
-    chosen, fmp, summary = selection('--select', 'random', folder='random0')
-    other, _, _ = selection('--select', 'random', '--selection_seed', 7, folder='random7')
-    per_layer = lambda pairs: sorted((layer, sum(1 for l, _ in pairs if l == layer)) for layer in {l for l, _ in pairs})  # noqa: E731
-    # same seed, same maps: test_random_selection_has_fmps_per_layer_counts_and_is_seeded
-    assert per_layer(chosen) == per_layer(fmp) and per_layer(other) == per_layer(fmp) and chosen != other and chosen != fmp
+    chosen, fmp, summary, counts, widths = selection('--select', 'random', '--selection_seed', 7, folder='random7')
+    drawn = random_channels(counts, widths, torch.Generator().manual_seed(7))
+    assert chosen == {(layer, int(c)) for layer, channels in drawn.items() for c in channels} and chosen != fmp
     assert summary['select'] == 'random' and summary['overlap']['total'] == len(fmp)
-    oracle, _, summary = selection('--select', 'oracle_trigger', folder='oracle')
-    assert per_layer(oracle) == per_layer(fmp)
+    oracle, _, summary, oracle_counts, _ = selection('--select', 'oracle_trigger', folder='oracle')
+    assert oracle_counts == counts and len(oracle) == len(fmp)
+    per_layer = {layer: sum(1 for l, _ in oracle if l == layer) for layer in counts}
+    assert per_layer == counts
     assert summary['overlap']['with_oracle'] == len(oracle) and summary['overlap']['fmp_with_oracle'] <= len(oracle)
 
 
