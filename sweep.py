@@ -3,6 +3,7 @@
     python sweep.py --yaml_path config/sweep/demo_cpu.yaml
     python sweep.py --yaml_path config/sweep/cifar10_cpu.yaml --workers 2
     python sweep.py --yaml_path config/sweep/paper_cifar10.yaml --launcher slurm
+    python sweep.py --yaml_path config/sweep/cifar10_cpu.yaml --dry_run     # what is done, what is left
 
 Steps whose outputs exist and verify are skipped, so rerunning a killed sweep resumes it; the table
 and plots go to record/sweeps/<name>/ (rebuilt any time by ``python -m utils.report <that folder>``)."""
@@ -13,7 +14,7 @@ import json
 
 from utils import REPO_ROOT
 from utils.config import path_arg, positive_int, resolve_path, run_main
-from utils.sweep import LAUNCHERS, run_step, run_sweep
+from utils.sweep import LAUNCHERS, run_step, run_sweep, step_states
 
 
 def main(argv=None):
@@ -23,6 +24,8 @@ def main(argv=None):
     parser.add_argument('--workers', type=positive_int, default=None, help='steps at once (default: the YAML\'s, else 1)')
     parser.add_argument('--launcher', choices=LAUNCHERS, default=None,
                         help='subprocess (default), local (submitit\'s local executor) or slurm (submitit)')
+    parser.add_argument('--dry_run', action='store_true',
+                        help='list every step as done, resume, rerun (outputs that do not verify) or run; run nothing')
     parser.add_argument('--run_step', default=None, help=argparse.SUPPRESS)   # one step, in a child process
     args = parser.parse_args(argv)
     if args.run_step:
@@ -30,6 +33,13 @@ def main(argv=None):
     if not args.yaml_path:
         parser.error('--yaml_path is required')
     record_root = resolve_path(args.record_root, REPO_ROOT)
+    if args.dry_run:
+        states = step_states(Path(resolve_path(args.yaml_path, REPO_ROOT)), Path(record_root))
+        for step, state in states:
+            print(f'{state:<7}{step.key}')
+        counts = {state: sum(1 for _, s in states if s == state) for state in ('done', 'resume', 'rerun', 'run')}
+        print(f'{len(states)} steps: ' + ', '.join(f'{n} {state}' for state, n in counts.items()))
+        return 0
     outcome = run_sweep(Path(resolve_path(args.yaml_path, REPO_ROOT)), Path(record_root), args.workers, args.launcher)
     print(f"{outcome['done']} of {outcome['steps']} steps done; results in {outcome['folder']}")
     for key, log in outcome['failed'].items():

@@ -110,11 +110,17 @@ def test_the_submitit_local_executor_runs_the_same_sweep(tmp_path):
 def test_a_record_that_no_longer_verifies_is_rerun_with_its_defenses(tmp_path):
     path = write_sweep(tmp_path, attacks={'badnet': {}}, defenses={'ft': {}})
     root = tmp_path / 'record'
+    from utils.sweep import step_states
+    assert [state for _, state in step_states(path, root)] == ['run', 'run']
     assert sweep(path, root).returncode == 0
+    assert [state for _, state in step_states(path, root)] == ['done', 'done']
     record = root / 'badnet_cifar10_mlp_s0' / 'attack_result.pt'
     tampered = torch.load(record, weights_only=True)
     tampered['metrics']['asr'] = 0.0
     torch.save(tampered, record)
+    listed = sweep(path, root, '--dry_run')                # says what it would do, does nothing
+    assert listed.returncode == 0 and 'rerun  attack:badnet_cifar10_mlp_s0' in listed.stdout, describe(listed)
+    assert '2 steps: 0 done' in listed.stdout and torch.load(record, weights_only=True)['metrics']['asr'] == 0.0
     proc = sweep(path, root)
     assert proc.returncode == 0, describe(proc)
     from utils.runs import check_record_hash

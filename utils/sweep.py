@@ -218,6 +218,24 @@ def launch_options(step: Step, record_root: Path) -> dict[str, Any]:
     return {'overwrite': True, 'resume': staging.exists()}
 
 
+def step_states(sweep_path: Path, record_root: Path) -> list[tuple[Step, str]]:
+    """What a run of the sweep would do with each step, without running or writing anything:
+    ``done`` (its outputs verify), ``rerun`` (outputs that do not verify: changed, made with other
+    options, or from an attack record that has changed since), ``resume`` (an interrupted run of its
+    options) or ``run`` (nothing there yet)."""
+    states = []
+    for step in plan(load_sweep(sweep_path), Path(record_root)):
+        result = step.output(record_root) / (ATTACK_RESULT if step.kind == 'attack' else DEFENSE_RESULT)
+        if verified(step, record_root):
+            state = 'done'
+        elif result.exists() or launch_options(step, record_root).get('overwrite'):
+            state = 'rerun'
+        else:
+            state = 'resume' if launch_options(step, record_root).get('resume') else 'run'
+        states.append((step, state))
+    return states
+
+
 def run_step(payload: dict[str, Any]) -> int:
     """Run one step in this process (a subprocess of the sweep, or a submitit job): 0 on success."""
     from .attack import run_attack
