@@ -119,13 +119,26 @@ def test_a_record_that_no_longer_verifies_is_rerun_with_its_defenses(tmp_path):
     tampered['metrics']['asr'] = 0.0
     torch.save(tampered, record)
     listed = sweep(path, root, '--dry_run')                # says what it would do, does nothing
-    assert listed.returncode == 0 and 'rerun  attack:badnet_cifar10_mlp_s0' in listed.stdout, describe(listed)
-    assert '2 steps: 0 done' in listed.stdout and torch.load(record, weights_only=True)['metrics']['asr'] == 0.0
+    assert listed.returncode == 0 and 'rerun   attack:badnet_cifar10_mlp_s0' in listed.stdout, describe(listed)
+    assert '2 steps: 0 running, 0 done' in listed.stdout and torch.load(record, weights_only=True)['metrics']['asr'] == 0.0
     proc = sweep(path, root)
-    assert proc.returncode == 0, describe(proc)
+    assert proc.returncode == 0 and '2 of 2 steps done' in proc.stdout, describe(proc)
     from utils.runs import check_record_hash
-    check_record_hash(record.parent)                 # consistent again: the attack was rerun
+    check_record_hash(record.parent)                 # consistent again: the attack was rerun, then its defense
     assert (root / 'badnet_cifar10_mlp_s0' / 'defense' / 'ft' / 'defense_result.pt').exists()
+    from utils.runs import FolderLock
+    with FolderLock(root / '.badnet_cifar10_mlp_s0.lock', 'the record'):   # as a run of that record holds it
+        assert [state for _, state in step_states(path, root)] == ['running', 'done']
+    assert [state for _, state in step_states(path, root)] == ['done', 'done']
+
+
+def test_a_failed_step_is_listed_with_its_log_and_the_sweep_exits_1(tmp_path):
+    """A step that fails when it runs (here FP's holdout share leaves no clean image to hold out) does not
+    stop the sweep; it is listed at the end with its log, and the exit code says so."""
+    path = write_sweep(tmp_path, attacks={'badnet': {}}, defenses={'fp': {'holdout': 0.001}})
+    proc = sweep(path, tmp_path / 'record')
+    assert proc.returncode == 1, describe(proc)
+    assert '1 of 2 steps done' in proc.stdout and 'failed: defense:badnet_cifar10_mlp_s0/fp (log: ' in proc.stdout
 
 
 @pytest.mark.parametrize('change, message', [

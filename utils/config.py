@@ -253,11 +253,11 @@ def run_main(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | 
     import warnings
     warnings.formatwarning = lambda message, category, *rest, **kw: f'warning: {message}\n'
     try:
-        main(argv)
+        code = main(argv)
     except UserError as exc:
         print(f'error: {exc}', file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print('interrupted: the last completed epoch is checkpointed; rerun with --resume to continue', file=sys.stderr)
         return 130
-    return 0
+    return code if type(code) is int else 0   # a main's own exit code (e.g. a sweep with failed steps)

@@ -100,6 +100,22 @@ class FolderLock:
             self.handle.close()
 
 
+def folder_in_use(folder: Path) -> bool:
+    """Whether a run holds ``folder``'s writer lock now (tried without waiting, and released at once)."""
+    lock_path = Path(folder).parent / f'.{Path(folder).name}.lock'
+    if not lock_path.exists():
+        return False
+    with open(lock_path) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return False
+
+
 def remove_stale_temporaries(folder: Path) -> None:
     """Delete ``.*.tmp`` files a killed save left behind (safe: the folder's lock is held)."""
     if folder.is_dir():
@@ -124,7 +140,7 @@ class RunFolder:
         self.held: list[FolderLock] = []
         self.staging = self.folder.parent / f'.{self.folder.name}.overwrite'
         self.workdir = self.staging if overwrite else self.folder
-        self.locks = [FolderLock(self.folder.parent / f'.{self.folder.name}.lock', what)]
+        self.locks = [FolderLock(self.folder.parent / f'.{self.folder.name}.lock', what)]   # folder_in_use reads it
         if parent_lock is not None:
             self.locks.insert(0, FolderLock(parent_lock, f'the record {parent_lock.name[1:-5]}', shared=True))
 

@@ -32,7 +32,7 @@ from . import REPO_ROOT, UserError
 from .config import config_to_dict, parse_config
 from .record import ATTACK_RESULT, DEFENSE_RESULT, save_json
 from .registry import ATTACKS, DEFENSES
-from .runs import FolderLock, NOT_IDENTITY, check_record_hash
+from .runs import FolderLock, NOT_IDENTITY, check_record_hash, folder_in_use
 
 SWEEP_KEYS = {'name', 'datasets', 'models', 'seeds', 'attacks', 'defenses', 'recipe', 'defense_recipe', 'record_name',
               'launcher', 'workers', 'slurm'}
@@ -211,22 +211,35 @@ def launch_options(step: Step, record_root: Path) -> dict[str, Any]:
     run_file = folder / 'run.json'
     if run_file.exists():
         try:
-            if _same_run(json.loads(run_file.read_text())['identity'], step):
+            identity = json.loads(run_file.read_text())['identity']
+            if _same_run(identity, step) and _same_attack_record(identity, step, record_root):
                 return {'resume': True}
         except (OSError, ValueError, KeyError):
             pass
     return {'overwrite': True, 'resume': staging.exists()}
 
 
+def _same_attack_record(identity: dict[str, Any], step: Step, record_root: Path) -> bool:
+    """A defense run resumes only on the attack record it started from (a retrained record starts it again)."""
+    if step.kind != 'defense' or identity.get('attack_record_sha256') is None:
+        return True
+    try:
+        return identity['attack_record_sha256'] == check_record_hash(step.output(record_root).parents[1])
+    except (UserError, OSError):
+        return False
+
+
 def step_states(sweep_path: Path, record_root: Path) -> list[tuple[Step, str]]:
     """What a run of the sweep would do with each step, without running or writing anything:
-    ``done`` (its outputs verify), ``rerun`` (outputs that do not verify: changed, made with other
-    options, or from an attack record that has changed since), ``resume`` (an interrupted run of its
-    options) or ``run`` (nothing there yet)."""
+    ``running`` (a run holds its folder now), ``done`` (its outputs verify), ``rerun`` (outputs that do
+    not verify: changed, made with other options, or from an attack record that has changed since),
+    ``resume`` (an interrupted run of its options) or ``run`` (nothing there yet)."""
     states = []
     for step in plan(load_sweep(sweep_path), Path(record_root)):
         result = step.output(record_root) / (ATTACK_RESULT if step.kind == 'attack' else DEFENSE_RESULT)
-        if verified(step, record_root):
+        if folder_in_use(step.output(record_root)):
+            state = 'running'
+        elif verified(step, record_root):
             state = 'done'
         elif result.exists() or launch_options(step, record_root).get('overwrite'):
             state = 'rerun'
