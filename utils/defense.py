@@ -28,7 +28,7 @@ from .pruning import above_mean_plus, bn_units, conv_layers, highest_channels, p
 from .record import (DEFENSE_RESULT, Log, code_version, load_attack_record, load_record_model, metrics_table,
                      record_folder, save_csv, save_json, save_torch, save_yaml)
 from .registry import DEFENSES, register_defense  # noqa: F401  (register_defense: for defense modules)
-from .runs import RunFolder, check_record_hash, check_record_root, identity_of, sha256_file
+from .runs import RunFolder, check_record_hash, check_record_root, identity_of, sha256_file, writer_lock_path
 from .train import TrainSettings, add_training_arguments, train
 
 
@@ -234,7 +234,7 @@ class Defense:
         args, source, folder, record, parent_sha256, config = self.resolve(script_file, argv, config)
         device = resolve_device(args.device)
         run = RunFolder(folder, what=f'the defense folder {folder}', results=(DEFENSE_RESULT,), resume=args.resume,
-                        overwrite=args.overwrite, parent_lock=source.parent / f'.{source.name}.lock').open()
+                        overwrite=args.overwrite, parent_lock=writer_lock_path(source)).open()
         try:
             run.check_resume(identity_of(config, attack_record_sha256=parent_sha256), args.lr_scheduler)
             model = load_record_model(record)

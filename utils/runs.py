@@ -100,20 +100,22 @@ class FolderLock:
             self.handle.close()
 
 
+def writer_lock_path(folder: Path) -> Path:
+    """The lock a run holds while it writes ``folder`` (beside it, so an overwrite's staging shares it)."""
+    return Path(folder).parent / f'.{Path(folder).name}.lock'
+
+
 def folder_in_use(folder: Path) -> bool:
-    """Whether a run holds ``folder``'s writer lock now (tried without waiting, and released at once)."""
-    lock_path = Path(folder).parent / f'.{Path(folder).name}.lock'
+    """Whether a run holds ``folder``'s writer lock now (tried without waiting, released at once;
+    nothing is created when no run ever took it)."""
+    lock_path = writer_lock_path(folder)
     if not lock_path.exists():
         return False
-    with open(lock_path) as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            return True
-        fcntl.flock(handle, fcntl.LOCK_UN)
-    return False
+    try:
+        with FolderLock(lock_path, str(folder), shared=True):
+            return False
+    except UserError:
+        return True
 
 
 def remove_stale_temporaries(folder: Path) -> None:
@@ -140,7 +142,7 @@ class RunFolder:
         self.held: list[FolderLock] = []
         self.staging = self.folder.parent / f'.{self.folder.name}.overwrite'
         self.workdir = self.staging if overwrite else self.folder
-        self.locks = [FolderLock(self.folder.parent / f'.{self.folder.name}.lock', what)]   # folder_in_use reads it
+        self.locks = [FolderLock(writer_lock_path(self.folder), what)]
         if parent_lock is not None:
             self.locks.insert(0, FolderLock(parent_lock, f'the record {parent_lock.name[1:-5]}', shared=True))
 

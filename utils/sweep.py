@@ -241,10 +241,9 @@ def step_states(sweep_path: Path, record_root: Path) -> list[tuple[Step, str]]:
             state = 'running'
         elif verified(step, record_root):
             state = 'done'
-        elif result.exists() or launch_options(step, record_root).get('overwrite'):
-            state = 'rerun'
         else:
-            state = 'resume' if launch_options(step, record_root).get('resume') else 'run'
+            options = launch_options(step, record_root)
+            state = 'rerun' if result.exists() or options.get('overwrite') else 'resume' if options.get('resume') else 'run'
         states.append((step, state))
     return states
 
