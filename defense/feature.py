@@ -10,6 +10,8 @@ of FMP's maps are among the trigger-excited ones. ``--pairing module_order``, ``
 ``--rank_augment true`` and ``--tie_break argsort`` reproduce the released code's choices."""
 import sys; from pathlib import Path; sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # noqa: E702
 
+from dataclasses import asdict
+
 import torch
 
 from utils import UserError
@@ -20,7 +22,7 @@ from utils.evaluate import predict
 from utils.fmp import (PRUNE_MODES, ROUNDINGS, SCOPES, SELECT_MODES, TIE_BREAKS, PruneAmount,
                        RankSettings, fmp_flags, random_channels, rank_feature_maps, rank_reference, timed)
 from utils.pruning import PAIRINGS, check_prunable, conv_layers, highest_channels, module_order_targets
-from utils.record import save_json
+from utils.record import save_json, tensor_digest
 
 
 def shared(a: dict, b: dict) -> int:
@@ -117,7 +119,18 @@ class FeatureMapPruning(PruningDefense):
         x, y = self.ranking_inputs(ctx, generator)
         settings = self.rank_settings(args)
         rank = rank_reference if args.reference else rank_feature_maps
-        scores, rank_seconds = timed(rank, ctx.model, x, y, settings, generator)
+        computed = []
+
+        def build():
+            scores, seconds = timed(rank, ctx.model, x, y, settings, generator)
+            computed.append(True)
+            return {'scores': scores, 'rank_seconds': seconds}
+        # exact inputs of the ranking: a later run that repeats them (the random control at FMP's
+        # counts, another pruning amount) reads the scores instead of ranking again
+        key = {'images_and_labels': tensor_digest(x, y), 'generator': tensor_digest(generator.get_state()),
+               'settings': asdict(settings), 'reference': args.reference, 'device': ctx.device.type}
+        ranking = ctx.artefact('fmp_scores', key, build)
+        scores, rank_seconds = ranking['scores'], ranking['rank_seconds']
         amount = PruneAmount(args.prune_exponent, args.prune_ratio, args.prune_round, args.min_prune, args.prune_scope)
         fmp = fmp_flags(scores, amount, 'kmeans' if args.select == 'kmeans' else 'fraction', args.tie_break)
         counts = {name: len(f) for name, f in fmp.items()}
@@ -134,11 +147,13 @@ class FeatureMapPruning(PruningDefense):
             flagged = fmp
         targets = self.layers if args.pairing == 'graph' else module_order_targets(ctx.model, self.layers)
         self.write_pruned(ctx, targets, flagged)
+        reused = '' if computed else ' by an earlier run (scores reused)'
         ctx.log(f'ranked {sum(len(s) for s in scores.values())} feature maps in {len(scores)} conv layers '
-                f'in {rank_seconds:.1f} s; select {args.select}, {amount.describe()}; '
+                f'in {rank_seconds:.1f} s{reused}; select {args.select}, {amount.describe()}; '
                 f'{shared(fmp, oracle)} of FMP\'s {sum(counts.values())} maps are among the trigger-excited ones')
         return Selection(targets, scores, flagged, lift=lift, columns={'fmp': fmp}, data={'fmp_channels': fmp},
-                         summary={'rank_seconds': round(rank_seconds, 3), 'select': args.select,
+                         summary={'rank_seconds': round(rank_seconds, 3), 'ranking_reused': not computed,
+                                  'select': args.select,
                                   'amount': amount.describe(),
                                   'overlap': {'fmp_with_oracle': shared(fmp, oracle), 'selected_with_fmp': shared(flagged, fmp)}})
 

@@ -412,13 +412,19 @@ def test_random_and_oracle_selection_through_the_cli(badnet_record):
             counts[layer] = counts.get(layer, 0) + int(fmp_flag)
         pruned = {(r[0], int(r[1])) for r in table if r[5] == '1'}
         fmp = {(r[0], int(r[1])) for r in table if r[4] == '1'}
-        return pruned, fmp, json.loads((out / 'summary.json').read_text()), counts, widths
+        scores = [(r[0], r[1], r[2]) for r in table]
+        return pruned, fmp, json.loads((out / 'summary.json').read_text()), counts, widths, scores
 
-    chosen, fmp, summary, counts, widths = selection('--select', 'random', '--selection_seed', 7, folder='random7')
+    chosen, fmp, summary, counts, widths, scores = selection('--select', 'random', '--selection_seed', 7,
+                                                             folder='random7')
     drawn = random_channels(counts, widths, torch.Generator().manual_seed(7))
     assert chosen == {(layer, int(c)) for layer, channels in drawn.items() for c in channels} and chosen != fmp
     assert summary['select'] == 'random' and summary['overlap']['total'] == len(fmp)
-    oracle, _, summary, oracle_counts, _ = selection('--select', 'oracle_trigger', folder='oracle')
+    assert not summary['ranking_reused']
+    # the same ranking inputs: the second run reads the first one's scores instead of ranking again
+    oracle, fmp_again, summary, oracle_counts, _, scores_again = selection('--select', 'oracle_trigger', folder='oracle')
+    assert summary['ranking_reused'] and scores_again == scores and fmp_again == fmp
+    assert 'scores reused' in (defenses / 'oracle' / 'log.txt').read_text()
     assert oracle_counts == counts and len(oracle) == len(fmp)
     per_layer = {layer: sum(1 for l, _ in oracle if l == layer) for layer in counts}
     assert per_layer == counts

@@ -16,8 +16,8 @@ from conftest import E2E_NAME, rebuild_model
 from utils import UserError
 from utils.evaluate import defense_effectiveness_rating, evaluate
 from utils.poison import PoisonedSet
-from utils.record import (ATTACK_RESULT, DEFENSE_RESULT, atomic_write, load_attack_record, load_torch,
-                          record_folder, save_csv, save_json, save_text, save_torch, save_yaml)
+from utils.record import (ATTACK_RESULT, DEFENSE_RESULT, atomic_write, cached_artefact, load_attack_record, load_torch,
+                          record_folder, save_csv, save_json, save_text, save_torch, save_yaml, tensor_digest)
 
 CPU = torch.device('cpu')
 
@@ -103,6 +103,34 @@ def test_load_torch_refuses_arbitrary_objects(tmp_path):
     torch.save({'obj': WriterFailed()}, tmp_path / 'pickled.pt')
     with pytest.raises(UserError):
         load_torch(tmp_path / 'pickled.pt', 'thing')
+
+
+def test_cached_artefact_is_built_once_per_inputs_and_rebuilt_when_unreadable(tmp_path):
+    builds, log = [], []
+
+    def build(value):
+        def run():
+            builds.append(value)
+            return {'tensor': torch.full((3,), float(value))}
+        return run
+
+    first = cached_artefact(tmp_path, 'thing', {'seed': 1, 'eps': 0.5}, build(1), log.append)
+    again = cached_artefact(tmp_path, 'thing', {'eps': 0.5, 'seed': 1}, build(2), log.append)   # key order is no input
+    other = cached_artefact(tmp_path, 'thing', {'seed': 2, 'eps': 0.5}, build(3), log.append)
+    assert builds == [1, 3] and torch.equal(first['tensor'], again['tensor']) and other['tensor'][0] == 3
+    assert 'reusing thing' in log[1] and len(list((tmp_path / '.artefacts').iterdir())) == 2
+    [path] = [p for p in (tmp_path / '.artefacts').iterdir() if load_torch(p, 'x')['inputs']['seed'] == 1]
+    path.write_bytes(path.read_bytes()[:20])   # truncated: rebuilt, not an error
+    assert cached_artefact(tmp_path, 'thing', {'seed': 1, 'eps': 0.5}, build(4), log.append)['tensor'][0] == 4
+    assert 'rebuilding thing' in log[-2] and builds == [1, 3, 4]
+    assert load_torch(path, 'x')['artefact']['tensor'][0] == 4
+
+
+def test_tensor_digest_tells_values_dtypes_and_shapes_apart():
+    x = torch.arange(6, dtype=torch.float32)
+    assert tensor_digest(x) == tensor_digest(x.clone())
+    assert len({tensor_digest(x), tensor_digest(x.reshape(2, 3)), tensor_digest(x.double()), tensor_digest(x + 1),
+                tensor_digest(x, x), tensor_digest(torch.empty(0))}) == 6
 
 
 def test_load_attack_record_errors(tmp_path):

@@ -25,8 +25,8 @@ from .data import DATASETS, DatasetSpec, Split, dataset_spec, load_splits
 from .evaluate import evaluate
 from .poison import (LABEL_TRANSFORMS, PoisonedSet, backdoor_labels, candidate_index, check_attack_labels,
                      choose_poison_index, poisoned_training_split)
-from .record import (ATTACK_RESULT, Log, atomic_write, code_version, load_attack_record, load_record_model,
-                     load_torch, metrics_table, record_folder, save_json, save_torch, save_yaml)
+from .record import (ATTACK_RESULT, Log, atomic_write, cached_artefact, code_version, load_attack_record,
+                     load_record_model, metrics_table, record_folder, save_json, save_torch, save_yaml)
 from .registry import ATTACKS, register_attack  # noqa: F401  (register_attack: for attack modules)
 from .runs import RunFolder, check_record_root, identity_of, sha256_file
 from .train import CHECKPOINT, BatchHook, TrainSettings, add_training_arguments, estimated_seconds, train
@@ -64,22 +64,10 @@ class AttackContext:
         return evaluate(model, self.test, self.bd_test, self.device)
 
     def artefact(self, kind: str, inputs: dict[str, Any], build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        """A generated artefact (a perturbation, an encoder's weights: a dict of tensors and plain
-        values), built by ``build()`` once and reused by every later run whose ``inputs`` (plain,
-        JSON-serialisable values that determine it) match: cached as
-        ``record/.artefacts/<kind>-<hash of inputs>.pt``. Attacks still save what they use in their
-        own record (``record_extras``), so a record never depends on the cache."""
-        digest = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        path = Path(self.args.record_root) / '.artefacts' / f'{kind}-{digest}.pt'
-        if path.exists():
-            cached = load_torch(path, f'{kind} artefact')
-            if cached.get('inputs') == json.loads(json.dumps(inputs, sort_keys=True, default=str)):
-                self.log(f'reusing {kind} from {path}')
-                return cached['artefact']
-        self.log(f'building {kind} (cached as {path} for later runs)')
-        artefact = build()
-        save_torch({'inputs': json.loads(json.dumps(inputs, sort_keys=True, default=str)), 'artefact': artefact}, path)
-        return artefact
+        """A generated artefact, built once and reused while its ``inputs`` match
+        (:func:`utils.record.cached_artefact`). Attacks still save what they use in their own
+        record (``record_extras``), so a record never depends on the cache."""
+        return cached_artefact(self.args.record_root, kind, inputs, build, self.log)
 
     def clean_model(self) -> nn.Module:
         """The clean reference model (eval mode, on the device): the record ``--clean_model`` names,

@@ -25,8 +25,8 @@ from .data import DATASETS, Split, class_balanced_subset, dataset_spec, load_spl
 from .evaluate import defense_effectiveness_rating, detection_metrics, evaluate
 from .poison import PoisonedSet, poisoned_training_split
 from .pruning import above_mean_plus, bn_units, conv_layers, highest_channels, prune_channels, trigger_lift
-from .record import (DEFENSE_RESULT, Log, code_version, load_attack_record, load_record_model, metrics_table,
-                     record_folder, save_csv, save_json, save_torch, save_yaml)
+from .record import (DEFENSE_RESULT, Log, cached_artefact, code_version, load_attack_record, load_record_model,
+                     metrics_table, record_folder, save_csv, save_json, save_torch, save_yaml)
 from .registry import DEFENSES, register_defense  # noqa: F401  (register_defense: for defense modules)
 from .runs import RunFolder, check_record_hash, check_record_root, identity_of, sha256_file, writer_lock_path
 from .train import TrainSettings, add_training_arguments, train
@@ -77,8 +77,10 @@ class DefenseContext:
     resolved options, the log and the output folder; built lazily on first use, the poisoned
     training set the model was trained on and its true poison indices."""
 
-    def __init__(self, model, record, train, clean_subset, test, bd_test, device, args, log, folder, name='defense'):
+    def __init__(self, model, record, train, clean_subset, test, bd_test, device, args, log, folder, name='defense',
+                 record_sha256: Optional[str] = None):
         self.name = name
+        self.record_sha256 = record_sha256   # of the attack record: names its model in artefact keys
         self.model: nn.Module = model
         self.record: dict = record
         self.train: Split = train
@@ -117,6 +119,15 @@ class DefenseContext:
         model = build_model(self.record['model_name'], self.record['num_classes'], tuple(self.record['input_shape']),
                             dataset=self.record['dataset'])
         return model.to(self.device)
+
+    def artefact(self, kind: str, inputs: dict[str, Any], build) -> dict[str, Any]:
+        """What ``build()`` computes from the record's model and ``inputs``, shared by every defense run
+        on this record whose inputs match (:func:`utils.record.cached_artefact`): FMP and its random
+        control at equal counts rank once, and so does a sweep over FMP's pruning amount."""
+        if self.record_sha256 is None:
+            return build()
+        return cached_artefact(self.args.record_root, kind, inputs | {'attack_record_sha256': self.record_sha256},
+                               build, self.log)
 
     def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
         return evaluate(self.model if model is None else model, self.test, self.bd_test, self.device)
@@ -248,7 +259,7 @@ class Defense:
                     raise UserError(f'{source / "attack_result.pt"} changed while this defense was starting: run it again')
             run.start(recheck=unchanged)
             ctx = DefenseContext(model.to(device), record, train_split, clean_subset, test, bd_test, device, args,
-                                 Log(run.workdir / 'log.txt'), run.workdir, self.name)
+                                 Log(run.workdir / 'log.txt'), run.workdir, self.name, parent_sha256)
             result = self.defend_and_record(ctx, config, source, parent_sha256, run)
         finally:
             run.close()

@@ -3,6 +3,7 @@ name and renamed into place, so a crash never leaves half a record."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -90,6 +91,39 @@ def load_torch(path: Path, what: str) -> dict:
     if not isinstance(data, dict):
         raise UserError(f'{path} is not {article(what)} {what} (expected a dict, got {type(data).__name__})')
     return data
+
+
+def cached_artefact(record_root: str | Path, kind: str, inputs: dict[str, Any], build, log) -> dict[str, Any]:
+    """What ``build()`` returns (a dict of tensors and plain values: a perturbation, an encoder's
+    weights, FMP's channel scores), built once and reused by every later run whose ``inputs``
+    (JSON-serialisable values that determine it) match: ``record/.artefacts/<kind>-<hash>.pt``.
+    A cache file that does not load or holds other inputs is rebuilt, never trusted."""
+    plain = json.loads(json.dumps(inputs, sort_keys=True, default=str))
+    digest = hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:16]
+    path = Path(record_root) / '.artefacts' / f'{kind}-{digest}.pt'
+    if path.exists():
+        try:
+            cached = load_torch(path, f'{kind} artefact')
+        except UserError as error:
+            log(f'rebuilding {kind}: {error}')
+            cached = {}
+        if cached.get('inputs') == plain:
+            log(f'reusing {kind} from {path}')
+            return cached['artefact']
+    log(f'building {kind} (cached as {path} for later runs)')
+    artefact = build()
+    save_torch({'inputs': plain, 'artefact': artefact}, path)
+    return artefact
+
+
+def tensor_digest(*tensors: torch.Tensor) -> str:
+    """SHA-256 of tensors' dtypes, shapes and bytes: names exact inputs in an artefact's key."""
+    hasher = hashlib.sha256()
+    for tensor in tensors:
+        tensor = tensor.detach().cpu().contiguous()
+        hasher.update(f'{tensor.dtype}{tuple(tensor.shape)}'.encode())
+        hasher.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b'')
+    return hasher.hexdigest()
 
 
 def article(word: str) -> str:
