@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from utils import UserError
 from utils.attack import Attack, register_attack
 from utils.config import bounded, positive_int, run_main
+from utils.record import resumable_map
 
 CHUNK = 256  # images per PGD batch
 CORNER = 3   # side of the checkerboard in each corner
@@ -130,8 +131,11 @@ class LabelConsistent(Attack):
         inputs = {'clean_model': ctx.clean_model_digest(), 'target': args.attack_target,
                   'images': hashlib.sha256(images.numpy().tobytes()).hexdigest()} | self.settings
 
-        def build():
-            adversarial = pgd_away_from_label(model, images, labels, device=ctx.device, **self.settings)
+        def build():   # chunk by chunk, resumable: PGD on 5,000 images takes most of an hour on a CPU
+            chunks = list(zip(images.split(CHUNK), labels.split(CHUNK)))
+            done = resumable_map(lambda chunk: pgd_away_from_label(model, *chunk, device=ctx.device, **self.settings),
+                                 chunks, ctx.artefact_progress_file('lc_pgd', inputs), 'lc PGD (chunks)')
+            adversarial = torch.cat(done) if done else images.clone()
             return {'images': adversarial, 'clean_accuracy': accuracy(model, images, labels, ctx.device),
                     'adversarial_accuracy': accuracy(model, adversarial, labels, ctx.device)}
 

@@ -16,8 +16,9 @@ from conftest import E2E_NAME, rebuild_model
 from utils import UserError
 from utils.evaluate import defense_effectiveness_rating, evaluate
 from utils.poison import PoisonedSet
-from utils.record import (ATTACK_RESULT, DEFENSE_RESULT, atomic_write, cached_artefact, load_attack_record, load_torch,
-                          record_folder, save_csv, save_json, save_text, save_torch, save_yaml, tensor_digest)
+from utils.record import (ATTACK_RESULT, DEFENSE_RESULT, artefact_path, atomic_write, cached_artefact,
+                          load_attack_record, load_torch, partial_path, record_folder, resumable_map, save_csv,
+                          save_json, save_text, save_torch, save_yaml, tensor_digest)
 
 CPU = torch.device('cpu')
 
@@ -124,6 +125,34 @@ def test_cached_artefact_is_built_once_per_inputs_and_rebuilt_when_unreadable(tm
     assert cached_artefact(tmp_path, 'thing', {'seed': 1, 'eps': 0.5}, build(4), log.append)['tensor'][0] == 4
     assert 'rebuilding thing' in log[-2] and builds == [1, 3, 4]
     assert load_torch(path, 'x')['artefact']['tensor'][0] == 4
+
+
+def test_a_killed_resumable_map_resumes_after_its_last_saved_item(tmp_path):
+    progress = tmp_path / 'thing.partial.pt'
+    calls = []
+
+    def compute(item, fail_at=None):
+        if item == fail_at:
+            raise KeyboardInterrupt
+        calls.append(item)
+        return torch.tensor([item * 10])
+
+    items = list(range(6))
+    with pytest.raises(KeyboardInterrupt):
+        resumable_map(lambda i: compute(i, fail_at=4), items, progress, 'test', save_every=0)
+    assert [int(t) for t in load_torch(progress, 'x')['done']] == [0, 10, 20, 30]
+    calls.clear()
+    done = resumable_map(compute, items, progress, 'test', save_every=0)
+    assert calls == [4, 5] and [int(t) for t in done] == [0, 10, 20, 30, 40, 50]
+    calls.clear()   # progress of another list of items is not trusted
+    assert len(resumable_map(compute, items[:3], progress, 'test')) == 3 and calls == [0, 1, 2]
+    # the artefact cache removes a finished build's progress file
+    progress = partial_path(artefact_path(tmp_path, 'thing', {'a': 1}))
+    with pytest.raises(KeyboardInterrupt):
+        resumable_map(lambda i: compute(i, fail_at=2), items, progress, 'test', save_every=0)
+    assert progress.exists()
+    cached_artefact(tmp_path, 'thing', {'a': 1}, lambda: {'v': torch.zeros(1)}, lambda line: None)
+    assert [path.name for path in (tmp_path / '.artefacts').iterdir()] == [artefact_path(tmp_path, 'thing', {'a': 1}).name]
 
 
 def test_tensor_digest_tells_values_dtypes_and_shapes_apart():

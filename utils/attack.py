@@ -25,8 +25,9 @@ from .data import DATASETS, DatasetSpec, Split, dataset_spec, load_splits
 from .evaluate import evaluate
 from .poison import (LABEL_TRANSFORMS, PoisonedSet, backdoor_labels, candidate_index, check_attack_labels,
                      choose_poison_index, poisoned_training_split)
-from .record import (ATTACK_RESULT, Log, atomic_write, cached_artefact, code_version, load_attack_record,
-                     load_record_model, metrics_table, record_folder, save_json, save_torch, save_yaml)
+from .record import (ATTACK_RESULT, Log, artefact_path, atomic_write, cached_artefact, code_version,
+                     load_attack_record, load_record_model, metrics_table, partial_path, record_folder, save_json,
+                     save_torch, save_yaml)
 from .registry import ATTACKS, register_attack  # noqa: F401  (register_attack: for attack modules)
 from .runs import RunFolder, check_record_root, identity_of, sha256_file
 from .train import CHECKPOINT, BatchHook, TrainSettings, add_training_arguments, estimated_seconds, train
@@ -68,6 +69,10 @@ class AttackContext:
         (:func:`utils.record.cached_artefact`). Attacks still save what they use in their own
         record (``record_extras``), so a record never depends on the cache."""
         return cached_artefact(self.args.record_root, kind, inputs, build, self.log)
+
+    def artefact_progress_file(self, kind: str, inputs: dict[str, Any]) -> Path:
+        """Where a long build of that artefact saves its progress (:func:`utils.record.resumable_map`)."""
+        return partial_path(artefact_path(self.args.record_root, kind, inputs))
 
     def clean_model(self) -> nn.Module:
         """The clean reference model (eval mode, on the device): the record ``--clean_model`` names,

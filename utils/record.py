@@ -15,6 +15,7 @@ from typing import Any, Iterable
 
 import torch
 import yaml
+from tqdm import tqdm
 
 from . import UserError
 
@@ -99,8 +100,7 @@ def cached_artefact(record_root: str | Path, kind: str, inputs: dict[str, Any], 
     (JSON-serialisable values that determine it) match: ``record/.artefacts/<kind>-<hash>.pt``.
     A cache file that does not load or holds other inputs is rebuilt, never trusted."""
     plain = json.loads(json.dumps(inputs, sort_keys=True, default=str))
-    digest = hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:16]
-    path = Path(record_root) / '.artefacts' / f'{kind}-{digest}.pt'
+    path = artefact_path(record_root, kind, inputs)
     if path.exists():
         try:
             cached = load_torch(path, f'{kind} artefact')
@@ -113,7 +113,41 @@ def cached_artefact(record_root: str | Path, kind: str, inputs: dict[str, Any], 
     log(f'building {kind} (cached as {path} for later runs)')
     artefact = build()
     save_torch({'inputs': plain, 'artefact': artefact}, path)
+    partial_path(path).unlink(missing_ok=True)
     return artefact
+
+
+def artefact_path(record_root: str | Path, kind: str, inputs: dict[str, Any]) -> Path:
+    """Where :func:`cached_artefact` keeps the artefact of ``kind`` built from ``inputs``."""
+    plain = json.loads(json.dumps(inputs, sort_keys=True, default=str))
+    digest = hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(record_root) / '.artefacts' / f'{kind}-{digest}.pt'
+
+
+def partial_path(path: Path) -> Path:
+    """The progress file of an artefact's unfinished build (removed once the artefact is saved)."""
+    return path.with_name(path.stem + '.partial.pt')
+
+
+def resumable_map(compute, items: list, progress_file: Path, desc: str, save_every: float = 60.0) -> list:
+    """``[compute(item) for item in items]`` for long, deterministic builds (LC's PGD on a CPU), with a
+    progress bar: the finished results are saved to ``progress_file`` (atomically, at most every
+    ``save_every`` seconds), and a killed build resumes after the last saved item."""
+    done: list = []
+    if progress_file.exists():
+        try:
+            saved = load_torch(progress_file, 'progress file')
+            if saved.get('items') == len(items):
+                done = list(saved['done'])[:len(items)]
+        except UserError:
+            done = []
+    last_save = time.time()
+    for item in tqdm(items[len(done):], desc=desc, initial=len(done), total=len(items), disable=None):
+        done.append(compute(item))
+        if time.time() - last_save >= save_every and len(done) < len(items):
+            save_torch({'items': len(items), 'done': done}, progress_file)
+            last_save = time.time()
+    return done
 
 
 def tensor_digest(*tensors: torch.Tensor) -> str:
