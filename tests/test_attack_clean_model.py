@@ -187,10 +187,14 @@ def test_record_round_trip_reuse_and_seeds(tmp_path, cached_cifar, monkeypatch, 
         assert saved['clean_label'] and len(bd_train['poison_index']) == int((train.labels == 0).sum())
         assert bool((train.labels[bd_train['poison_index']] == 0).all())
         assert torch.equal(bd_train['original_labels'], bd_train['backdoor_labels'])
-        corners = four_corner_pattern(32, 32) != 0
-        change = (bd_train['images'].int() - clean_train).abs()
+        pattern, amplitude = four_corner_pattern(32, 32), saved['trigger']['amplitude']
+        corners, light, dark = pattern != 0, pattern == 1, pattern == -1
+        poisoned = bd_train['images'].int()
+        change = (poisoned - clean_train).abs()
         assert change[:, :, ~corners].max() <= 8 and (change[:, :, ~corners] > 0).float().mean() > 0.5
-        assert change[:, :, corners].max() <= 8 + 32
+        # the trigger is added to the perturbed image (within 8 of the clean one), then clipped
+        assert bool((poisoned[:, :, light] >= (clean_train[:, :, light] - 8 + amplitude).clamp(max=255)).all())
+        assert bool((poisoned[:, :, dark] <= (clean_train[:, :, dark] + 8 - amplitude).clamp(min=0)).all())
     if name == 'trojannn':
         mask = saved['trigger']['mask']
         assert not bool((bd_train['images'] != train.images[bd_train['poison_index']])[:, :, ~mask[0]].any())
