@@ -123,7 +123,8 @@ class DefenseContext:
     def artefact(self, kind: str, inputs: dict[str, Any], build) -> dict[str, Any]:
         """What ``build()`` computes from the record's model and ``inputs``, shared by every defense run
         on this record whose inputs match (:func:`utils.record.cached_artefact`): FMP and its random
-        control at equal counts rank once, and so does a sweep over FMP's pruning amount."""
+        control at equal counts rank once, and so does a sweep over FMP's pruning amount. A record
+        written without a checksum cannot name its model, so nothing is cached for it."""
         if self.record_sha256 is None:
             return build()
         return cached_artefact(self.args.record_root, kind, inputs | {'attack_record_sha256': self.record_sha256},

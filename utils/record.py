@@ -99,7 +99,7 @@ def cached_artefact(record_root: str | Path, kind: str, inputs: dict[str, Any], 
     weights, FMP's channel scores), built once and reused by every later run whose ``inputs``
     (JSON-serialisable values that determine it) match: ``record/.artefacts/<kind>-<hash>.pt``.
     A cache file that does not load or holds other inputs is rebuilt, never trusted."""
-    plain = json.loads(json.dumps(inputs, sort_keys=True, default=str))
+    plain = _plain(inputs)
     path = artefact_path(record_root, kind, inputs)
     if path.exists():
         try:
@@ -119,9 +119,13 @@ def cached_artefact(record_root: str | Path, kind: str, inputs: dict[str, Any], 
 
 def artefact_path(record_root: str | Path, kind: str, inputs: dict[str, Any]) -> Path:
     """Where :func:`cached_artefact` keeps the artefact of ``kind`` built from ``inputs``."""
-    plain = json.loads(json.dumps(inputs, sort_keys=True, default=str))
-    digest = hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(json.dumps(_plain(inputs), sort_keys=True).encode()).hexdigest()[:16]
     return Path(record_root) / '.artefacts' / f'{kind}-{digest}.pt'
+
+
+def _plain(inputs: dict[str, Any]) -> dict[str, Any]:
+    """``inputs`` as they read back from JSON (tuples as lists, other objects as their str)."""
+    return json.loads(json.dumps(inputs, sort_keys=True, default=str))
 
 
 def partial_path(path: Path) -> Path:
@@ -138,7 +142,7 @@ def resumable_map(compute, items: list, progress_file: Path, desc: str, save_eve
         try:
             saved = load_torch(progress_file, 'progress file')
             if saved.get('items') == len(items):
-                done = list(saved['done'])[:len(items)]
+                done = list(saved['done'])
         except UserError:
             done = []
     last_save = time.time()

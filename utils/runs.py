@@ -105,6 +105,11 @@ def writer_lock_path(folder: Path) -> Path:
     return Path(folder).parent / f'.{Path(folder).name}.lock'
 
 
+def staging_path(folder: Path) -> Path:
+    """Where an ``--overwrite`` run writes before its result is swapped into ``folder``."""
+    return Path(folder).parent / f'.{Path(folder).name}.overwrite'
+
+
 def folder_in_use(folder: Path) -> bool:
     """Whether a run holds ``folder``'s writer lock now (tried without waiting, released at once;
     nothing is created when no run ever took it)."""
@@ -140,7 +145,7 @@ class RunFolder:
         self.identity: dict[str, Any] = {}
         self.schedule: Optional[str] = None
         self.held: list[FolderLock] = []
-        self.staging = self.folder.parent / f'.{self.folder.name}.overwrite'
+        self.staging = staging_path(self.folder)
         self.workdir = self.staging if overwrite else self.folder
         self.locks = [FolderLock(writer_lock_path(self.folder), what)]
         if parent_lock is not None:

@@ -32,7 +32,7 @@ from . import REPO_ROOT, UserError
 from .config import config_to_dict, parse_config
 from .record import ATTACK_RESULT, DEFENSE_RESULT, save_json
 from .registry import ATTACKS, DEFENSES
-from .runs import FolderLock, NOT_IDENTITY, check_record_hash, folder_in_use
+from .runs import FolderLock, NOT_IDENTITY, check_record_hash, folder_in_use, staging_path
 
 SWEEP_KEYS = {'name', 'datasets', 'models', 'seeds', 'attacks', 'defenses', 'recipe', 'defense_recipe', 'record_name',
               'launcher', 'workers', 'slurm'}
@@ -205,7 +205,7 @@ def verified(step: Step, record_root: Path) -> bool:
 def launch_options(step: Step, record_root: Path) -> dict[str, Any]:
     """--resume for an interrupted run of this step's options, --overwrite for anything else in the way."""
     folder = step.output(record_root)
-    staging = folder.parent / f'.{folder.name}.overwrite'
+    staging = staging_path(folder)
     if not folder.exists():
         return {}
     run_file = folder / 'run.json'
