@@ -34,7 +34,8 @@ def main(argv=None):
     parser.add_argument('--dataset_path', default=str(REPO_ROOT / 'data'), help='CIFAR-10 for the random-weights model')
     parser.add_argument('--n_rank', type=int, default=32)
     parser.add_argument('--layers', type=int, default=None, help='rank only the first N conv layers (both paths)')
-    parser.add_argument('--channel_chunk', type=int, default=None, help='fast path chunk (default: 1 on CPU, 32 on GPU)')
+    parser.add_argument('--channel_chunk', type=int, nargs='+', default=[None],
+                        help='fast path chunk; several values time the fast path once each (default: 1 on CPU, 32 on GPU)')
     parser.add_argument('--prune_exponent', type=int, default=6)
     parser.add_argument('--device', default='auto')
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads')
@@ -67,32 +68,31 @@ def main(argv=None):
     if args.layers:
         layers = layers[:args.layers]
     only = {layer.name for layer in layers}
-    settings = RankSettings(channel_chunk=args.channel_chunk)
     channels = sum(layer.channels for layer in layers)
     print(f'{name} on {device}: {len(layers)} conv layers, {channels} feature maps, {args.n_rank} images, '
           f'{torch.get_num_threads()} CPU threads')
 
-    timings, results = {}, {}
-    for label, rank in (('reference', rank_reference), ('fast', rank_feature_maps)):
+    def timed_rank(label, rank, chunk):
         synchronize(device)
         started = time.perf_counter()
-        results[label] = rank(model, x, y, settings, torch.Generator().manual_seed(args.seed), only=only)
+        scores = rank(model, x, y, RankSettings(channel_chunk=chunk), torch.Generator().manual_seed(args.seed), only=only)
         synchronize(device)
-        timings[label] = time.perf_counter() - started
-        print(f'{label:>9}: {timings[label]:8.2f} s  ({1000 * timings[label] / channels:.1f} ms per feature map)')
+        seconds = time.perf_counter() - started
+        print(f'{label:>18}: {seconds:8.2f} s  ({1000 * seconds / channels:.2f} ms per feature map)', flush=True)
+        return scores, seconds
 
-    ref, fast = results['reference'], results['fast']
-    same_flags = all(torch.equal(flag_channels(ref[n], prune_exponent=args.prune_exponent),
-                                 flag_channels(fast[n], prune_exponent=args.prune_exponent)) for n in ref)
-    max_diff = max(float((ref[n] - fast[n]).abs().max()) for n in ref)
-    differing = sum(int((ref[n] != fast[n]).sum()) for n in ref)
-    all_scores = torch.cat(list(fast.values()))
+    ref, ref_seconds = timed_rank('reference', rank_reference, None)
+    for chunk in args.channel_chunk:
+        fast, seconds = timed_rank(f'fast (chunk {chunk or "default"})', rank_feature_maps, chunk)
+        same_flags = all(torch.equal(flag_channels(ref[n], prune_exponent=args.prune_exponent),
+                                     flag_channels(fast[n], prune_exponent=args.prune_exponent)) for n in ref)
+        max_diff = max(float((ref[n] - fast[n]).abs().max()) for n in ref)
+        differing = sum(int((ref[n] != fast[n]).sum()) for n in ref)
+        print(f'  speed-up (reference / fast): {ref_seconds / seconds:.2f}x; flagged channels identical: {same_flags}; '
+              f'scores: max |difference| {max_diff:.4g}, {differing} of {channels} differ')
+    all_scores = torch.cat(list(ref.values()))
     print(f'scores: min {all_scores.min():.3f}, mean {all_scores.mean():.3f}, {len(all_scores.unique())} distinct values '
           '(all equal would make the comparison trivial)')
-    print(f'speed-up (reference / fast): {timings["reference"] / timings["fast"]:.2f}x')
-    print(f'flagged channels identical: {same_flags}; scores: max |difference| {max_diff:.4g}, '
-          f'{differing} of {channels} differ')
-
 
 if __name__ == '__main__':
     sys.exit(run_main(main))

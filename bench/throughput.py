@@ -31,8 +31,11 @@ from utils.data import Split, dataset_spec, load_dataset
 from utils.train import TrainSettings, train
 
 
-def toolkit_images_per_second(model, data: Split, batch_size: int, amp: bool, device, warmup: int) -> float:
-    settings = TrainSettings(epochs=1, batch_size=batch_size, lr=0.01, amp=amp)
+def toolkit_images_per_second(model, data: Split, batch_size: int, amp: bool, device, warmup: int,
+                              channels_last: bool = True, compile: bool = False) -> float:
+    settings = TrainSettings(epochs=1, batch_size=batch_size, lr=0.01, amp=amp, channels_last=channels_last)
+    if compile:      # compiled during the untimed warm-up; every batch has the same size (see main)
+        model = torch.compile(model.to(device))
     train(model, data.subset(torch.arange(min(warmup * batch_size, len(data)))), settings, device, log=lambda _: None)
     synchronize(device)
     started = time.perf_counter()
@@ -101,23 +104,41 @@ def main(argv=None):
     parser.add_argument('--warmup', type=int, default=10, help='untimed batches before each timed pass')
     parser.add_argument('--amp', type=str2bool, default=True, help='mixed precision in both pipelines (CUDA only)')
     parser.add_argument('--device', default='auto')
+    parser.add_argument('--variants', type=str2bool, default=None,
+                        help="also time the toolkit's loop without channels-last, with cuDNN autotuning and under "
+                             'torch.compile (default: on CUDA)')
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
+    variants = device.type == 'cuda' if args.variants is None else args.variants
     train_split, _ = load_dataset('cifar10', args.dataset_path)
-    repeat = torch.arange(args.images) % len(train_split)
+    images = max(args.batch_size, args.images // args.batch_size * args.batch_size)   # whole batches only
+    repeat = torch.arange(images) % len(train_split)
     data = train_split.subset(repeat[torch.randperm(len(repeat), generator=torch.Generator().manual_seed(0))])
     spec = dataset_spec('cifar10')
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU, {torch.get_num_threads()} threads'
-    print(f'{args.model}, batch {args.batch_size}, {args.images} images, AMP {args.amp and device.type == "cuda"}, on {name}')
+    print(f'{args.model}, batch {args.batch_size}, {images} images, AMP {args.amp and device.type == "cuda"}, on {name}')
+
+    def toolkit(**options):
+        return lambda m: toolkit_images_per_second(m, data, args.batch_size, args.amp, device, args.warmup, **options)
+
+    pipelines = [('toolkit', toolkit()),
+                 ('backdoorbench-style', lambda m: backdoorbench_images_per_second(
+                     m, data, args.batch_size, args.amp, device, args.warmup, args.workers))]
+    if variants:    # slowest to set up last: a time limit then cuts only the extras
+        pipelines += [('toolkit, NCHW', toolkit(channels_last=False)),
+                      ('toolkit, cudnn.benchmark', toolkit()),
+                      ('toolkit, torch.compile', toolkit(compile=True))]
     rates = {}
-    for label, measure in (('toolkit', lambda m: toolkit_images_per_second(m, data, args.batch_size, args.amp, device, args.warmup)),
-                           ('backdoorbench-style', lambda m: backdoorbench_images_per_second(
-                               m, data, args.batch_size, args.amp, device, args.warmup, args.workers))):
+    for label, measure in pipelines:
         torch.manual_seed(0)
+        torch.backends.cudnn.benchmark = label.endswith('cudnn.benchmark')
         model = build_model(args.model, spec.num_classes, spec.input_shape, dataset='cifar10').to(device)
+        started = time.perf_counter()
         rates[label] = measure(model)
-        print(f'{label:>20}: {rates[label]:10.0f} images/s', flush=True)
-    print(f'ratio (toolkit / backdoorbench-style): {rates["toolkit"] / rates["backdoorbench-style"]:.2f}x')
+        print(f'{label:>25}: {rates[label]:10.0f} images/s ({time.perf_counter() - started:.0f} s with warm-up)', flush=True)
+        if label == 'backdoorbench-style':
+            print(f'ratio (toolkit / backdoorbench-style): {rates["toolkit"] / rates["backdoorbench-style"]:.2f}x', flush=True)
+    torch.backends.cudnn.benchmark = False
     return 0 if np.isfinite(list(rates.values())).all() else 1
 
 

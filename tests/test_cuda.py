@@ -80,3 +80,15 @@ def test_a_record_trained_on_the_gpu_is_defended_on_the_cpu(tmp_path):
                           '--epochs', 1, '--ratio', 0.2, '--record_root', tmp_path, '--device', 'cpu'])
     assert defense.returncode == 0, describe(defense)
     assert (tmp_path / 'gpu' / 'defense' / 'ft' / 'defense_result.pt').is_file()
+
+
+def test_channels_last_training_matches_the_usual_layout_and_hands_the_model_back_contiguous(exact_arithmetic):
+    data = synthetic_split(256)
+    losses = {}
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        model = build_model('resnet20', 10, (3, 32, 32), dataset='cifar10')
+        settings = TrainSettings(epochs=1, batch_size=64, lr=0.05, amp=False, channels_last=channels_last)
+        losses[channels_last] = train(model, data, settings, GPU, log=lambda _: None)[0]['train_loss']
+        assert all(p.is_contiguous() for p in model.parameters())
+    assert losses[True] == pytest.approx(losses[False], rel=1e-3)

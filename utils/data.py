@@ -192,6 +192,14 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(255)
 
 
+def _to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on ``device``; to a GPU through pinned memory without waiting, since a plain
+    copy from pageable memory makes the CPU wait for all queued GPU work."""
+    if device.type != 'cuda':
+        return values.to(device)
+    return values.pin_memory().to(device, non_blocking=True)
+
+
 def augment(images: torch.Tensor, generator: torch.Generator, hflip: bool, padding: int = 4) -> torch.Tensor:
     """Random crop with zero padding and random horizontal flip, batched on ``images``' device.
 
@@ -200,14 +208,14 @@ def augment(images: torch.Tensor, generator: torch.Generator, hflip: bool, paddi
     n, c, h, w = images.shape
     device = images.device
     padded = F.pad(images, (padding, padding, padding, padding))
-    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(device)
-    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(device)
+    dy = _to_device(torch.randint(0, 2 * padding + 1, (n,), generator=generator), device)
+    dx = _to_device(torch.randint(0, 2 * padding + 1, (n,), generator=generator), device)
     rows = (dy[:, None] + torch.arange(h, device=device))[:, None, :, None]
     cols = (dx[:, None] + torch.arange(w, device=device))[:, None, None, :]
     batch = torch.arange(n, device=device)[:, None, None, None]
     channel = torch.arange(c, device=device)[None, :, None, None]
     out = padded[batch, channel, rows, cols]
     if hflip:
-        flip = (torch.rand(n, generator=generator) < 0.5).to(device)
+        flip = _to_device(torch.rand(n, generator=generator) < 0.5, device)
         out = torch.where(flip[:, None, None, None], out.flip(3), out)
     return out

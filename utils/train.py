@@ -4,7 +4,9 @@ caller may own the optimizer and the loss: :func:`train` takes an optimizer (or 
 for the recipe's SGD), a ``loss_fn(model, x, y)`` and a ``phase`` name that names the checkpoint
 and the metrics file, so a defense with several phases resumes the right one. AMP runs on CUDA
 only (bf16 where supported, else fp16 with a gradient scaler); augmentation is batched on the
-training device; every epoch is evaluated into the metrics file and checkpointed.
+training device; every epoch is evaluated into the metrics file and checkpointed. On CUDA the model
+trains in the channels-last layout (``channels_last``) and the loop reads the loss back once per
+epoch, not per step, so the CPU queues work ahead of the GPU.
 
 Randomness (shuffling, augmentation, per-batch poisoning) comes from a generator seeded with
 (seed, epoch), so a run resumed from epoch k's checkpoint is identical to an uninterrupted one."""
@@ -65,6 +67,7 @@ class TrainSettings:
     amp: bool = True
     seed: int = 0
     augment: bool = True
+    channels_last: bool = True     # CUDA only: NHWC activations and weights, the layout cuDNN's tensor-core kernels want
 
     @classmethod
     def from_args(cls, args) -> 'TrainSettings':
@@ -230,6 +233,9 @@ def train(model: nn.Module, data: Split, settings: TrainSettings, device: torch.
 
     images = data.images.to(device)
     labels = data.labels.to(device)
+    layout = torch.channels_last if settings.channels_last and device.type == 'cuda' else None
+    if layout is not None:
+        model.to(memory_format=layout)
     step_model = distributed.wrap(model, device)    # DistributedDataParallel under torchrun, else the model
     if not distributed.is_main():
         checkpoint_path = None                     # only rank 0 writes
@@ -238,10 +244,13 @@ def train(model: nn.Module, data: Split, settings: TrainSettings, device: torch.
         generator = epoch_generator(settings.seed, epoch)
         order = torch.randperm(len(labels), generator=generator).to(device)
         model.train(train_mode)
-        loss_sum, correct, seen = 0.0, 0, 0
+        # running sums stay on the device: reading them every step would make the CPU wait for the GPU
+        loss_total = torch.zeros((), dtype=torch.float64, device=device)
+        correct_total = torch.zeros((), dtype=torch.int64, device=device)
+        seen = 0
         batches = range(0, len(order), settings.batch_size)
         bar = tqdm(batches, desc=f'{desc} {epoch + 1}/{settings.epochs}', leave=False, disable=None)
-        for start in bar:
+        for step, start in enumerate(bar):
             index = order[start:start + settings.batch_size]
             x, y = to_float(images[index]), labels[index]
             if settings.augment:
@@ -249,6 +258,8 @@ def train(model: nn.Module, data: Split, settings: TrainSettings, device: torch.
             if batch_hook is not None:
                 x, y = batch_hook(x, y, generator, model)
             x, y = distributed.shard(x), distributed.shard(y)     # every process drew the same whole batch
+            if layout is not None:
+                x = x.contiguous(memory_format=layout)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 out = loss_fn(step_model, x, y)
             loss, logits = out if isinstance(out, tuple) else (out, None)
@@ -258,12 +269,13 @@ def train(model: nn.Module, data: Split, settings: TrainSettings, device: torch.
             scaler.update()
             if after_step is not None:
                 after_step(model)
-            loss_sum += loss.item() * len(y)
+            loss_total += loss.detach().double() * len(y)
             if logits is not None:
-                correct += (logits.argmax(1) == y).sum().item()
+                correct_total += (logits.detach().argmax(1) == y).sum()
             seen += len(y)
-            bar.set_postfix(loss=f'{loss_sum / seen:.3f}')
-        loss_sum, correct, seen = distributed.summed([loss_sum, correct, seen], device)
+            if not bar.disable and step % 20 == 0:
+                bar.set_postfix(loss=f'{loss_total.item() / seen:.3f}')
+        loss_sum, correct, seen = distributed.summed([loss_total.item(), correct_total.item(), seen], device)
         if not math.isfinite(loss_sum):
             raise UserError(f'training diverged at epoch {epoch + 1} (loss is not finite): lower lr')
         row = {'epoch': epoch + 1, 'lr': optimizer.param_groups[0]['lr'], 'train_loss': loss_sum / max(seen, 1)}
@@ -286,4 +298,6 @@ def train(model: nn.Module, data: Split, settings: TrainSettings, device: torch.
         if stopped:
             log(f'{desc}: stopping after epoch {epoch + 1} (stop condition met)')
             break
+    if layout is not None:
+        model.to(memory_format=torch.contiguous_format)    # callers and records see the usual layout
     return rows
