@@ -17,7 +17,7 @@ import time
 import torch
 
 from models import build_model
-from utils.config import resolve_device, run_main, synchronize
+from utils.config import resolve_device, run_main, str2bool, synchronize
 from utils.data import dataset_spec, load_splits
 from utils.evaluate import predict
 from utils.fmp import RankSettings, flag_channels, rank_feature_maps, rank_reference
@@ -40,7 +40,12 @@ def main(argv=None):
     parser.add_argument('--device', default='auto')
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads')
     parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--exact', type=str2bool, default=False,
+                        help='float32 without TF32 and deterministic cuDNN in both paths (CUDA convolutions default to TF32)')
     args = parser.parse_args(argv)
+    if args.exact:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.deterministic = True
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -70,7 +75,7 @@ def main(argv=None):
     only = {layer.name for layer in layers}
     channels = sum(layer.channels for layer in layers)
     print(f'{name} on {device}: {len(layers)} conv layers, {channels} feature maps, {args.n_rank} images, '
-          f'{torch.get_num_threads()} CPU threads')
+          f'{torch.get_num_threads()} CPU threads, TF32 convolutions {torch.backends.cudnn.allow_tf32}')
 
     def timed_rank(label, rank, chunk):
         synchronize(device)

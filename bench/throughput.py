@@ -32,10 +32,10 @@ from utils.train import TrainSettings, train
 
 
 def toolkit_images_per_second(model, data: Split, batch_size: int, amp: bool, device, warmup: int,
-                              channels_last: bool = True, compile: bool = False) -> float:
+                              channels_last: bool = False, compile: str = '') -> float:
     settings = TrainSettings(epochs=1, batch_size=batch_size, lr=0.01, amp=amp, channels_last=channels_last)
     if compile:      # compiled during the untimed warm-up; every batch has the same size (see main)
-        model = torch.compile(model.to(device))
+        model = torch.compile(model.to(device), mode=compile)
     train(model, data.subset(torch.arange(min(warmup * batch_size, len(data)))), settings, device, log=lambda _: None)
     synchronize(device)
     started = time.perf_counter()
@@ -94,6 +94,27 @@ def backdoorbench_images_per_second(model, data: Split, batch_size: int, amp: bo
     return seen / (time.perf_counter() - started)
 
 
+def profile_steps(model, data: Split, batch_size: int, amp: bool, device, steps: int) -> None:
+    """Wall time against GPU kernel time per step of the toolkit's loop: far more wall than kernel
+    time means the GPU waits on the CPU (launches, Python), which CUDA graphs remove."""
+    from torch.profiler import ProfilerActivity, profile
+    settings = TrainSettings(epochs=1, batch_size=batch_size, lr=0.01, amp=amp)
+    few = data.subset(torch.arange(steps * batch_size))
+    train(model, few, settings, device, log=lambda _: None)          # warm-up
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
+    synchronize(device)
+    started = time.perf_counter()
+    with profile(activities=activities) as prof:
+        train(model, few, settings, device, log=lambda _: None)
+        synchronize(device)
+    wall = (time.perf_counter() - started) / steps
+    events = [e for e in prof.events() if e.device_type.name == 'CUDA']
+    kernel = sum(e.time_range.elapsed_us() for e in events) / 1e6 / steps
+    print(f'profile, {steps} steps: {1000 * wall:.2f} ms wall per step (profiler on), {1000 * kernel:.2f} ms of GPU '
+          f'kernels per step in {len(events) // steps} launches')
+    print(prof.key_averages().table(sort_by='device_time_total' if device.type == 'cuda' else 'cpu_time_total', row_limit=12))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--model', default='preactresnet18')
@@ -105,8 +126,10 @@ def main(argv=None):
     parser.add_argument('--amp', type=str2bool, default=True, help='mixed precision in both pipelines (CUDA only)')
     parser.add_argument('--device', default='auto')
     parser.add_argument('--variants', type=str2bool, default=None,
-                        help="also time the toolkit's loop without channels-last, with cuDNN autotuning and under "
-                             'torch.compile (default: on CUDA)')
+                        help="also time the toolkit's loop in channels-last, with cuDNN autotuning, under torch.compile "
+                             "and under torch.compile's CUDA graphs (mode 'reduce-overhead') (default: on CUDA)")
+    parser.add_argument('--profile', type=int, default=0, metavar='STEPS',
+                        help="profile this many steps of the toolkit's loop: wall time against GPU kernel time per step")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     variants = device.type == 'cuda' if args.variants is None else args.variants
@@ -125,9 +148,10 @@ def main(argv=None):
                  ('backdoorbench-style', lambda m: backdoorbench_images_per_second(
                      m, data, args.batch_size, args.amp, device, args.warmup, args.workers))]
     if variants:    # slowest to set up last: a time limit then cuts only the extras
-        pipelines += [('toolkit, NCHW', toolkit(channels_last=False)),
+        pipelines += [('toolkit, channels-last', toolkit(channels_last=True)),
                       ('toolkit, cudnn.benchmark', toolkit()),
-                      ('toolkit, torch.compile', toolkit(compile=True))]
+                      ('toolkit, torch.compile', toolkit(compile='default')),
+                      ('toolkit, CUDA graphs', toolkit(compile='reduce-overhead'))]
     rates = {}
     for label, measure in pipelines:
         torch.manual_seed(0)
@@ -139,6 +163,10 @@ def main(argv=None):
         if label == 'backdoorbench-style':
             print(f'ratio (toolkit / backdoorbench-style): {rates["toolkit"] / rates["backdoorbench-style"]:.2f}x', flush=True)
     torch.backends.cudnn.benchmark = False
+    if args.profile:
+        torch.manual_seed(0)
+        model = build_model(args.model, spec.num_classes, spec.input_shape, dataset='cifar10').to(device)
+        profile_steps(model, data, args.batch_size, args.amp, device, args.profile)
     return 0 if np.isfinite(list(rates.values())).all() else 1
 
 

@@ -4,9 +4,9 @@ caller may own the optimizer and the loss: :func:`train` takes an optimizer (or 
 for the recipe's SGD), a ``loss_fn(model, x, y)`` and a ``phase`` name that names the checkpoint
 and the metrics file, so a defense with several phases resumes the right one. AMP runs on CUDA
 only (bf16 where supported, else fp16 with a gradient scaler); augmentation is batched on the
-training device; every epoch is evaluated into the metrics file and checkpointed. On CUDA the model
-trains in the channels-last layout (``channels_last``) and the loop reads the loss back once per
-epoch, not per step, so the CPU queues work ahead of the GPU.
+training device; every epoch is evaluated into the metrics file and checkpointed. On CUDA the loop reads
+the loss back once per epoch, not per step, so the CPU queues work ahead of the GPU; ``channels_last``
+trains in the NHWC layout.
 
 Randomness (shuffling, augmentation, per-batch poisoning) comes from a generator seeded with
 (seed, epoch), so a run resumed from epoch k's checkpoint is identical to an uninterrupted one."""
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import UserError, distributed
-from .config import (ToolkitParser, nonnegative_float, nonnegative_int, positive_float, positive_int,
+from .config import (COMPILE_MODES, ToolkitParser, nonnegative_float, nonnegative_int, positive_float, positive_int,
                      str2bool)
 from .data import Split, augment, to_float
 from .record import load_torch, save_csv, save_torch
@@ -67,7 +67,8 @@ class TrainSettings:
     amp: bool = True
     seed: int = 0
     augment: bool = True
-    channels_last: bool = True     # CUDA only: NHWC activations and weights, the layout cuDNN's tensor-core kernels want
+    compile: str = 'none'          # torch.compile mode of the training step (utils.config.COMPILE_MODES)
+    channels_last: bool = False    # CUDA only: NHWC activations and weights (slower for PreAct-ResNet18 on an H200: bench/throughput.py)
 
     @classmethod
     def from_args(cls, args) -> 'TrainSettings':
@@ -87,6 +88,8 @@ class TrainSettings:
             raise UserError(f'batch_size must be >= 1, got {self.batch_size}')
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise UserError(f'lr must be a finite number > 0, got {self.lr}')
+        if self.compile not in COMPILE_MODES:
+            raise UserError(f'compile must be one of {", ".join(COMPILE_MODES)}, got {self.compile!r}')
 
 
 def add_training_arguments(parser: ToolkitParser) -> None:
@@ -237,6 +240,11 @@ def train(model: nn.Module, data: Split, settings: TrainSettings, device: torch.
     if layout is not None:
         model.to(memory_format=layout)
     step_model = distributed.wrap(model, device)    # DistributedDataParallel under torchrun, else the model
+    graphs = settings.compile == 'reduce-overhead' and device.type == 'cuda'
+    if settings.compile != 'none':
+        # the same parameters: the checkpoint and the record save ``model``; evaluation runs it uncompiled.
+        # dynamic=False: a last, smaller batch compiles once more rather than making every shape symbolic
+        step_model = torch.compile(step_model, mode=settings.compile if graphs else 'default', dynamic=False)
     if not distributed.is_main():
         checkpoint_path = None                     # only rank 0 writes
     for epoch in range(start_epoch, settings.epochs):
@@ -260,6 +268,8 @@ def train(model: nn.Module, data: Split, settings: TrainSettings, device: torch.
             x, y = distributed.shard(x), distributed.shard(y)     # every process drew the same whole batch
             if layout is not None:
                 x = x.contiguous(memory_format=layout)
+            if graphs:
+                torch.compiler.cudagraph_mark_step_begin()    # the previous step's graph outputs may be reused
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 out = loss_fn(step_model, x, y)
             loss, logits = out if isinstance(out, tuple) else (out, None)
