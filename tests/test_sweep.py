@@ -132,6 +132,18 @@ def test_a_record_that_no_longer_verifies_is_rerun_with_its_defenses(tmp_path):
     assert [state for _, state in step_states(path, root)] == ['done', 'done']
 
 
+def test_how_a_step_ran_is_not_what_it_computed(tmp_path):
+    """Options that say how to run (device, torch.compile, ...) do not make a finished step rerun,
+    also when its record predates the option; an option of the recipe does."""
+    from utils.sweep import _same_run, expected_options, load_sweep, plan
+    attack_step = plan(load_sweep(write_sweep(tmp_path, attacks={'badnet': {}}, defenses={'ft': {}})), tmp_path)[0]
+    stored = expected_options(attack_step)
+    assert _same_run(stored, attack_step)
+    assert _same_run({k: v for k, v in stored.items() if k != 'compile'}, attack_step)      # written before --compile
+    assert _same_run(stored | {'compile': 'reduce-overhead', 'device': 'cuda'}, attack_step)
+    assert not _same_run(stored | {'lr': stored['lr'] * 2}, attack_step)
+
+
 def test_a_failed_step_is_listed_with_its_log_and_the_sweep_exits_1(tmp_path):
     """A step that fails when it runs (here FP's holdout share leaves no clean image to hold out) does not
     stop the sweep; it is listed at the end with its log, and the exit code says so."""

@@ -34,7 +34,7 @@ RECORD_FORMAT = 2
 RUN_FILE = 'run.json'
 # options that say where or how to run, not what the result is
 NOT_IDENTITY = {'resume', 'overwrite', 'device', 'record_root', 'yaml_path', 'dataset_path', 'save_folder_name',
-                'eval_each_epoch', 'channel_chunk', 'reference'}
+                'eval_each_epoch', 'channel_chunk', 'reference', 'compile'}
 # schedules under which more epochs leave the finished epochs' learning rates unchanged
 EXTENSIBLE_SCHEDULES = ('none', 'MultiStepLR')
 
