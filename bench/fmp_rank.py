@@ -42,10 +42,15 @@ def main(argv=None):
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--exact', type=str2bool, default=False,
                         help='float32 without TF32 and deterministic cuDNN in both paths (CUDA convolutions default to TF32)')
+    parser.add_argument('--float64', type=str2bool, default=False,
+                        help='rank in float64 (model, images, buffers): both paths then compute the same numbers up to '
+                             'rounding far below the sign decisions FGSM takes, which separates arithmetic from a real difference')
     args = parser.parse_args(argv)
-    if args.exact:
+    if args.exact or args.float64:
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.deterministic = True
+    if args.float64:
+        torch.set_default_dtype(torch.float64)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -67,15 +72,16 @@ def main(argv=None):
         x = test.images[:args.n_rank].float() / 255
         y = predict(model, x, torch.device('cpu'))
         name = f'{args.model} (random weights)'
-    model = model.to(device).eval()
-    x, y = x.to(device), y.to(device)
+    dtype = torch.float64 if args.float64 else torch.float32
+    model = model.to(device, dtype).eval()
+    x, y = x.to(device, dtype), y.to(device)
     layers = conv_layers(model, tuple(x.shape[1:]))
     if args.layers:
         layers = layers[:args.layers]
     only = {layer.name for layer in layers}
     channels = sum(layer.channels for layer in layers)
     print(f'{name} on {device}: {len(layers)} conv layers, {channels} feature maps, {args.n_rank} images, '
-          f'{torch.get_num_threads()} CPU threads, TF32 convolutions {torch.backends.cudnn.allow_tf32}')
+          f'{torch.get_num_threads()} CPU threads, {dtype}, TF32 convolutions {torch.backends.cudnn.allow_tf32}')
 
     def timed_rank(label, rank, chunk):
         synchronize(device)

@@ -5,10 +5,12 @@
 #   2. BadNets on PreAct-ResNet18, the shipped YAML for $EPOCHS epochs (the paper's recipe, shortened);
 #   3. FMP and FT on the record, each printing its before/after table;
 #   4. FMP's ranking of every feature map of that record's model, reference loop against the fast path
-#      at each chunk size in $CHUNKS, with whether the flags are identical (bench/fmp_rank.py);
+#      at each chunk size in $CHUNKS, with whether the flags are identical (bench/fmp_rank.py), then
+#      both in float64, where only a real difference between the paths can remain;
 #   5. training throughput of PreAct-ResNet18, this toolkit's pipeline against a BackdoorBench-style
 #      one (PIL transforms, DataLoader workers), same batch size, same run, then the toolkit's loop
-#      without channels-last, with cuDNN autotuning and compiled (bench/throughput.py).
+#      in channels-last, with cuDNN autotuning, compiled, as CUDA graphs and with a fused SGD
+#      (bench/throughput.py).
 #
 # A GPU machine has no CIFAR-10 and no network: make a subset that travels (53 MB), here, once:
 #     python bench/cifar_subset.py --out .gpu_data/cifar10 --train 15000 --test 3000
@@ -29,7 +31,7 @@ EPOCHS=${EPOCHS:-20}
 LAYERS=${LAYERS:-}
 CHUNKS=${CHUNKS:-32 128}
 mkdir -p "$OUT" "$RECORD"
-rm -f "$OUT"/{environment,cuda_tests,attack,throughput,fmp_rank,defenses}.txt
+rm -f "$OUT"/{environment,cuda_tests,attack,throughput,fmp_rank,fmp_rank_float64,defenses}.txt
 export PYTHONUNBUFFERED=1 CIFAR10_DIR="$DATA"
 failed=()
 
@@ -61,6 +63,9 @@ python3 ./defense/ft/ft.py --result_file badnet_gpu --yaml_path ./config/defense
 # ranked on the trained record: a model with random weights scores every map alike, which proves nothing
 step fmp_rank 150 python3 bench/fmp_rank.py --result_file badnet_gpu --record_root "$RECORD" --device "$DEVICE" \
     --channel_chunk $CHUNKS ${LAYERS:+--layers "$LAYERS"}
+# the same comparison in float64: scores that still differ there differ for a reason other than rounding
+step fmp_rank_float64 150 python3 bench/fmp_rank.py --result_file badnet_gpu --record_root "$RECORD" --device "$DEVICE" \
+    --channel_chunk 32 --float64 true ${LAYERS:+--layers "$LAYERS"}
 # last: its torch.compile variant is the slowest to set up, and a time limit then cuts only that
 step throughput 200 python3 bench/throughput.py --model "$MODEL" --device "$DEVICE" --images "$IMAGES" \
     --batch_size 128 --workers 4 --dataset_path "$DATA"

@@ -32,14 +32,17 @@ from utils.train import TrainSettings, train
 
 
 def toolkit_images_per_second(model, data: Split, batch_size: int, amp: bool, device, warmup: int,
-                              channels_last: bool = False, compile: str = '') -> float:
-    settings = TrainSettings(epochs=1, batch_size=batch_size, lr=0.01, amp=amp, channels_last=channels_last)
-    if compile:      # compiled during the untimed warm-up; every batch has the same size (see main)
-        model = torch.compile(model.to(device), mode=compile)
-    train(model, data.subset(torch.arange(min(warmup * batch_size, len(data)))), settings, device, log=lambda _: None)
+                              channels_last: bool = False, compile: str = 'none', fused: bool = False) -> float:
+    settings = TrainSettings(epochs=1, batch_size=batch_size, lr=0.01, amp=amp, channels_last=channels_last, compile=compile)
+    # fused: the SGD update of every parameter in one kernel launch instead of a few per parameter group
+    optimizer = torch.optim.SGD(model.to(device).parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, fused=True) \
+        if fused else None
+    # compiled during the untimed warm-up; every batch has the same size (see main)
+    train(model, data.subset(torch.arange(min(warmup * batch_size, len(data)))), settings, device,
+          optimizer=optimizer, log=lambda _: None)
     synchronize(device)
     started = time.perf_counter()
-    train(model, data, settings, device, log=lambda _: None)
+    train(model, data, settings, device, optimizer=optimizer, log=lambda _: None)
     synchronize(device)
     return len(data) / (time.perf_counter() - started)
 
@@ -126,8 +129,9 @@ def main(argv=None):
     parser.add_argument('--amp', type=str2bool, default=True, help='mixed precision in both pipelines (CUDA only)')
     parser.add_argument('--device', default='auto')
     parser.add_argument('--variants', type=str2bool, default=None,
-                        help="also time the toolkit's loop in channels-last, with cuDNN autotuning, under torch.compile "
-                             "and under torch.compile's CUDA graphs (mode 'reduce-overhead') (default: on CUDA)")
+                        help="also time the toolkit's loop in channels-last, with cuDNN autotuning, under torch.compile, "
+                             "under torch.compile's CUDA graphs (--compile reduce-overhead), and so with a fused SGD "
+                             '(default: on CUDA)')
     parser.add_argument('--profile', type=int, default=0, metavar='STEPS',
                         help="profile this many steps of the toolkit's loop: wall time against GPU kernel time per step")
     args = parser.parse_args(argv)
@@ -151,7 +155,8 @@ def main(argv=None):
         pipelines += [('toolkit, channels-last', toolkit(channels_last=True)),
                       ('toolkit, cudnn.benchmark', toolkit()),
                       ('toolkit, torch.compile', toolkit(compile='default')),
-                      ('toolkit, CUDA graphs', toolkit(compile='reduce-overhead'))]
+                      ('toolkit, CUDA graphs', toolkit(compile='reduce-overhead')),
+                      ('toolkit, CUDA graphs + fused SGD', toolkit(compile='reduce-overhead', fused=True))]
     rates = {}
     for label, measure in pipelines:
         torch.manual_seed(0)
