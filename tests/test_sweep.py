@@ -4,6 +4,7 @@ runs; a record that no longer verifies is rerun; the report rebuilds from the re
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import signal
 import subprocess
@@ -142,6 +143,16 @@ def test_how_a_step_ran_is_not_what_it_computed(tmp_path):
     assert _same_run({k: v for k, v in stored.items() if k != 'compile'}, attack_step)      # written before --compile
     assert _same_run(stored | {'compile': 'reduce-overhead', 'device': 'cuda'}, attack_step)
     assert not _same_run(stored | {'lr': stored['lr'] * 2}, attack_step)
+    # a file option read from another checkout: the same bytes are the same run, other bytes are not
+    mask = tmp_path / 'mask.npy'
+    mask.write_bytes(b'mask')
+    step = dataclasses.replace(attack_step, config=attack_step.config | {'patch_mask_path': str(mask)})
+    elsewhere = tmp_path / 'other_checkout' / 'mask.npy'
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes(b'mask')
+    assert _same_run(expected_options(step) | {'patch_mask_path': str(elsewhere)}, step)
+    elsewhere.write_bytes(b'another mask')
+    assert not _same_run(expected_options(step) | {'patch_mask_path': str(elsewhere)}, step)
 
 
 def test_a_failed_step_is_listed_with_its_log_and_the_sweep_exits_1(tmp_path):
