@@ -35,8 +35,8 @@ def toolkit_images_per_second(model, data: Split, batch_size: int, amp: bool, de
                               channels_last: bool = False, compile: str = 'none', fused: bool = False) -> float:
     settings = TrainSettings(epochs=1, batch_size=batch_size, lr=0.01, amp=amp, channels_last=channels_last, compile=compile)
     # fused: the SGD update of every parameter in one kernel launch instead of a few per parameter group
-    optimizer = torch.optim.SGD(model.to(device).parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, fused=True) \
-        if fused else None
+    optimizer = torch.optim.SGD(model.to(device).parameters(), lr=settings.lr, momentum=settings.sgd_momentum,
+                                weight_decay=settings.wd, fused=True) if fused else None
     # compiled during the untimed warm-up; every batch has the same size (see main)
     train(model, data.subset(torch.arange(min(warmup * batch_size, len(data)))), settings, device,
           optimizer=optimizer, log=lambda _: None)
@@ -145,6 +145,10 @@ def main(argv=None):
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU, {torch.get_num_threads()} threads'
     print(f'{args.model}, batch {args.batch_size}, {images} images, AMP {args.amp and device.type == "cuda"}, on {name}')
 
+    def fresh_model():
+        torch.manual_seed(0)
+        return build_model(args.model, spec.num_classes, spec.input_shape, dataset='cifar10').to(device)
+
     def toolkit(**options):
         return lambda m: toolkit_images_per_second(m, data, args.batch_size, args.amp, device, args.warmup, **options)
 
@@ -159,9 +163,8 @@ def main(argv=None):
                       ('toolkit, CUDA graphs + fused SGD', toolkit(compile='reduce-overhead', fused=True))]
     rates = {}
     for label, measure in pipelines:
-        torch.manual_seed(0)
         torch.backends.cudnn.benchmark = label.endswith('cudnn.benchmark')
-        model = build_model(args.model, spec.num_classes, spec.input_shape, dataset='cifar10').to(device)
+        model = fresh_model()
         started = time.perf_counter()
         rates[label] = measure(model)
         print(f'{label:>25}: {rates[label]:10.0f} images/s ({time.perf_counter() - started:.0f} s with warm-up)', flush=True)
@@ -169,9 +172,7 @@ def main(argv=None):
             print(f'ratio (toolkit / backdoorbench-style): {rates["toolkit"] / rates["backdoorbench-style"]:.2f}x', flush=True)
     torch.backends.cudnn.benchmark = False
     if args.profile:
-        torch.manual_seed(0)
-        model = build_model(args.model, spec.num_classes, spec.input_shape, dataset='cifar10').to(device)
-        profile_steps(model, data, args.batch_size, args.amp, device, args.profile)
+        profile_steps(fresh_model(), data, args.batch_size, args.amp, device, args.profile)
     return 0 if np.isfinite(list(rates.values())).all() else 1
 
 
