@@ -33,17 +33,7 @@ CHUNKS=${CHUNKS:-32 128}
 mkdir -p "$OUT" "$RECORD"
 rm -f "$OUT"/{environment,cuda_tests,attack,throughput,fmp_rank,fmp_rank_float64,defenses}.txt
 export PYTHONUNBUFFERED=1 CIFAR10_DIR="$DATA"
-failed=()
-
-step() {  # step NAME SECONDS COMMAND...: run it under a time limit; output to the screen and $OUT/NAME.txt
-    local name=$1 limit=$2 started=$SECONDS code
-    shift 2
-    echo "== $name (limit $limit s)"
-    timeout "$limit" "$@" 2>&1 | grep --line-buffered -v 'differs from the official archive\|return _load_cifar' | tee "$OUT/$name.txt"
-    code=${PIPESTATUS[0]}
-    echo "== $name: exit $code after $((SECONDS - started)) s" | tee -a "$OUT/$name.txt"
-    [ "$code" = 0 ] || failed+=("$name")
-}
+source bench/steps.sh
 
 step environment 60 python3 -c "
 import torch, torchvision
@@ -70,8 +60,4 @@ step fmp_rank_float64 150 python3 bench/fmp_rank.py --result_file badnet_gpu --r
 step throughput 200 python3 bench/throughput.py --model "$MODEL" --device "$DEVICE" --images "$IMAGES" \
     --batch_size 128 --workers 4 --dataset_path "$DATA"
 
-if [ ${#failed[@]} -gt 0 ]; then
-    echo "failed: ${failed[*]}"
-    exit 1
-fi
-echo "all steps passed"
+finish
