@@ -26,6 +26,23 @@ from utils.record import load_attack_record, load_record_model, record_folder
 from utils import REPO_ROOT
 
 
+def profile_ranking(rank, device) -> None:
+    """Wall time against the GPU's kernel time of one ranking, and the kernels that take the time."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
+    synchronize(device)
+    started = time.perf_counter()
+    with profile(activities=activities) as prof:
+        rank()
+        synchronize(device)
+    wall = time.perf_counter() - started
+    kernels = [e for e in prof.events() if e.device_type.name == 'CUDA']
+    busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e6
+    print(f'profile: {wall:.2f} s wall (profiler on), {busy:.2f} s of GPU kernels in {len(kernels)} launches')
+    print(prof.key_averages().table(sort_by='device_time_total' if device.type == 'cuda' else 'cpu_time_total',
+                                    row_limit=15))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--model', default='resnet20', help='registry model with random weights (ignored with --result_file)')
@@ -36,6 +53,8 @@ def main(argv=None):
     parser.add_argument('--layers', type=int, default=None, help='rank only the first N conv layers (both paths)')
     parser.add_argument('--channel_chunk', type=int, nargs='+', default=[None],
                         help='fast path chunk; several values time the fast path once each (default: 1 on CPU, 32 on GPU)')
+    parser.add_argument('--channels_last', type=str2bool, nargs='+', default=[False],
+                        help='fast path in NHWC (RankSettings.channels_last); several values time the fast path once each')
     parser.add_argument('--prune_exponent', type=int, default=6)
     parser.add_argument('--device', default='auto')
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads')
@@ -45,7 +64,15 @@ def main(argv=None):
     parser.add_argument('--float64', type=str2bool, default=False,
                         help='rank in float64 (model, images, buffers): both paths then compute the same numbers up to '
                              'rounding far below the sign decisions FGSM takes, which separates arithmetic from a real difference')
+    parser.add_argument('--reference', type=str2bool, default=True,
+                        help='time the reference loop too (off: the fast path alone, e.g. to profile it)')
+    parser.add_argument('--cudnn_benchmark', type=str2bool, default=False,
+                        help='cuDNN autotuning (torch.backends.cudnn.benchmark) in both paths')
+    parser.add_argument('--profile', type=str2bool, default=False,
+                        help="after the timings, profile one fast ranking: wall time against GPU kernel time and the "
+                             'kernels that take it')
     args = parser.parse_args(argv)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     if args.exact or args.float64:
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.deterministic = True
@@ -81,27 +108,37 @@ def main(argv=None):
     only = {layer.name for layer in layers}
     channels = sum(layer.channels for layer in layers)
     print(f'{name} on {device}: {len(layers)} conv layers, {channels} feature maps, {args.n_rank} images, '
-          f'{torch.get_num_threads()} CPU threads, {dtype}, TF32 convolutions {torch.backends.cudnn.allow_tf32}')
+          f'{torch.get_num_threads()} CPU threads, {dtype}, TF32 convolutions {torch.backends.cudnn.allow_tf32}, '
+          f'cuDNN autotuning {torch.backends.cudnn.benchmark}')
 
-    def timed_rank(label, rank, chunk):
+    def timed_rank(label, rank, chunk, channels_last=False):
         synchronize(device)
         started = time.perf_counter()
-        scores = rank(model, x, y, RankSettings(channel_chunk=chunk), torch.Generator().manual_seed(args.seed), only=only)
+        scores = rank(model, x, y, RankSettings(channel_chunk=chunk, channels_last=channels_last),
+                      torch.Generator().manual_seed(args.seed), only=only)
         synchronize(device)
         seconds = time.perf_counter() - started
         print(f'{label:>18}: {seconds:8.2f} s  ({1000 * seconds / channels:.2f} ms per feature map)', flush=True)
         return scores, seconds
 
-    ref, ref_seconds = timed_rank('reference', rank_reference, None)
-    for chunk in args.channel_chunk:
-        fast, seconds = timed_rank(f'fast (chunk {chunk or "default"})', rank_feature_maps, chunk)
+    ref, ref_seconds = timed_rank('reference', rank_reference, None) if args.reference else (None, None)
+    for chunk, channels_last in ((c, layout) for layout in args.channels_last for c in args.channel_chunk):
+        fast, seconds = timed_rank(f'fast (chunk {chunk or "default"}{", NHWC" if channels_last else ""})',
+                                   rank_feature_maps, chunk, channels_last)
+        if ref is None:
+            continue
         same_flags = all(torch.equal(flag_channels(ref[n], prune_exponent=args.prune_exponent),
                                      flag_channels(fast[n], prune_exponent=args.prune_exponent)) for n in ref)
         max_diff = max(float((ref[n] - fast[n]).abs().max()) for n in ref)
         differing = sum(int((ref[n] != fast[n]).sum()) for n in ref)
         print(f'  speed-up (reference / fast): {ref_seconds / seconds:.2f}x; flagged channels identical: {same_flags}; '
               f'scores: max |difference| {max_diff:.4g}, {differing} of {channels} differ')
-    all_scores = torch.cat(list(ref.values()))
+    if args.profile:
+        profile_ranking(lambda: rank_feature_maps(model, x, y, RankSettings(channel_chunk=args.channel_chunk[-1],
+                                                                            channels_last=args.channels_last[-1]),
+                                                  torch.Generator().manual_seed(args.seed), progress=False, only=only),
+                        device)
+    all_scores = torch.cat(list((ref or fast).values()))
     print(f'scores: min {all_scores.min():.3f}, mean {all_scores.mean():.3f}, {len(all_scores.unique())} distinct values '
           '(all equal would make the comparison trivial)')
 

@@ -118,6 +118,11 @@ def profile_steps(model, data: Split, batch_size: int, amp: bool, device, steps:
     print(prof.key_averages().table(sort_by='device_time_total' if device.type == 'cuda' else 'cpu_time_total', row_limit=12))
 
 
+PIPELINES = {'toolkit': 'toolkit', 'backdoorbench': 'backdoorbench-style', 'channels_last': 'toolkit, channels-last',
+             'cudnn_benchmark': 'toolkit, cudnn.benchmark', 'compile': 'toolkit, torch.compile',
+             'cuda_graphs': 'toolkit, CUDA graphs', 'cuda_graphs_fused': 'toolkit, CUDA graphs + fused SGD'}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--model', default='preactresnet18')
@@ -132,6 +137,9 @@ def main(argv=None):
                         help="also time the toolkit's loop in channels-last, with cuDNN autotuning, under torch.compile, "
                              "under torch.compile's CUDA graphs (--compile reduce-overhead), and so with a fused SGD "
                              '(default: on CUDA)')
+    parser.add_argument('--only', nargs='+', default=None, choices=list(PIPELINES), metavar='PIPELINE',
+                        help=f'time these pipelines alone ({", ".join(PIPELINES)}); default: toolkit and backdoorbench, '
+                             'then the variants when --variants is on')
     parser.add_argument('--profile', type=int, default=0, metavar='STEPS',
                         help="profile this many steps of the toolkit's loop: wall time against GPU kernel time per step")
     args = parser.parse_args(argv)
@@ -152,25 +160,29 @@ def main(argv=None):
     def toolkit(**options):
         return lambda m: toolkit_images_per_second(m, data, args.batch_size, args.amp, device, args.warmup, **options)
 
-    pipelines = [('toolkit', toolkit()),
-                 ('backdoorbench-style', lambda m: backdoorbench_images_per_second(
-                     m, data, args.batch_size, args.amp, device, args.warmup, args.workers))]
-    if variants:    # slowest to set up last: a time limit then cuts only the extras
-        pipelines += [('toolkit, channels-last', toolkit(channels_last=True)),
-                      ('toolkit, cudnn.benchmark', toolkit()),
-                      ('toolkit, torch.compile', toolkit(compile='default')),
-                      ('toolkit, CUDA graphs', toolkit(compile='reduce-overhead')),
-                      ('toolkit, CUDA graphs + fused SGD', toolkit(compile='reduce-overhead', fused=True))]
+    measures = {'toolkit': toolkit(),
+                'backdoorbench': lambda m: backdoorbench_images_per_second(
+                    m, data, args.batch_size, args.amp, device, args.warmup, args.workers),
+                'channels_last': toolkit(channels_last=True),
+                'cudnn_benchmark': toolkit(),
+                'compile': toolkit(compile='default'),
+                'cuda_graphs': toolkit(compile='reduce-overhead'),
+                'cuda_graphs_fused': toolkit(compile='reduce-overhead', fused=True)}
+    # slowest to set up last: a time limit then cuts only the extras
+    chosen = args.only or (list(PIPELINES) if variants else ['toolkit', 'backdoorbench'])
     rates = {}
-    for label, measure in pipelines:
+    for label, measure in ((PIPELINES[key], measures[key]) for key in PIPELINES if key in chosen):
         torch.backends.cudnn.benchmark = label.endswith('cudnn.benchmark')
         model = fresh_model()
         started = time.perf_counter()
         rates[label] = measure(model)
         print(f'{label:>25}: {rates[label]:10.0f} images/s ({time.perf_counter() - started:.0f} s with warm-up)', flush=True)
-        if label == 'backdoorbench-style':
+        if label == 'backdoorbench-style' and 'toolkit' in rates:
             print(f'ratio (toolkit / backdoorbench-style): {rates["toolkit"] / rates["backdoorbench-style"]:.2f}x', flush=True)
     torch.backends.cudnn.benchmark = False
+    if 'backdoorbench-style' in rates:
+        for label, rate in rates.items():
+            print(f'{label:>32} / backdoorbench-style: {rate / rates["backdoorbench-style"]:.2f}x')
     if args.profile:
         profile_steps(fresh_model(), data, args.batch_size, args.amp, device, args.profile)
     return 0 if np.isfinite(list(rates.values())).all() else 1
