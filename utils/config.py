@@ -211,9 +211,10 @@ def add_common_arguments(parser: ToolkitParser) -> None:
     parser.add_argument('--random_seed', type=nonnegative_int, default=0, help='seeds Python, NumPy and torch; subsets and poison indices derive from it')
     parser.add_argument('--amp', type=str2bool, default=True, help='mixed precision (used on CUDA only)')
     parser.add_argument('--compile', default='none', choices=COMPILE_MODES,
-                        help="torch.compile the training step: 'reduce-overhead' replays it as CUDA graphs (2.3x the "
-                             "eager loop's images/s for PreAct-ResNet18 at batch 128 on an H200; bench/throughput.py), "
-                             'after about 30 s of compilation per training phase')
+                        help="torch.compile the training step: 'reduce-overhead' replays it as CUDA graphs (2.3x and 2.9x "
+                             "the eager loop's images/s in two runs, PreAct-ResNet18 at batch 128 on an H200; "
+                             'bench/throughput.py), after about 20 s of compilation per training phase; its losses '
+                             "are not bit-identical to the eager loop's (README, 'Measured on a GPU')")
     parser.add_argument('--record_root', default=str(REPO_ROOT / 'record'), type=path_arg,
                         help='folder holding one sub-folder per record')
 
