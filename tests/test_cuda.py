@@ -96,19 +96,18 @@ def test_channels_last_training_matches_the_usual_layout_and_hands_the_model_bac
 
 def test_cuda_graph_training_matches_eager_training(exact_arithmetic):
     """--compile reduce-overhead replays the step as CUDA graphs; it must compute what the eager loop
-    does (256 = 4 batches of 64, then a smaller last batch of 40 that records a second graph). One
-    epoch: the compiled kernels round differently, and over longer training the two runs drift apart
-    (2 epochs: losses 0.11% apart, H200); a replayed graph fed a stale batch moves the weights by
-    orders of magnitude more than rounding does."""
+    does (256 = 4 batches of 64, then a smaller last batch of 40 that records a second graph).
+    At lr 0.05 this training amplifies rounding ~1e5-fold (on the CPU, initial weights perturbed by
+    1e-7 move the epoch's loss by 4e-4 and the weights by 1.1%), so compiled kernels, which round
+    differently, failed a 1e-3 loss check on an H200. At lr 0.002 that perturbation moves the loss by
+    2e-6, while a last batch of other images (what a graph replaying a stale input would train on)
+    moves it by 4e-3: the 2e-4 bound sits between the two."""
     data = synthetic_split(296)
-    rows, weights = {}, {}
+    rows = {}
     for mode in ('none', 'reduce-overhead'):
         torch.manual_seed(0)
         model = build_model('resnet20', 10, (3, 32, 32), dataset='cifar10')
-        settings = TrainSettings(epochs=1, batch_size=64, lr=0.05, amp=False, compile=mode)
+        settings = TrainSettings(epochs=1, batch_size=64, lr=0.002, amp=False, compile=mode)
         rows[mode] = train(model, data, settings, GPU, log=lambda _: None)[0]
         assert not any(k.startswith('_orig_mod') for k in model.state_dict())
-        weights[mode] = torch.cat([p.detach().flatten().cpu() for p in model.parameters()])
-    assert rows['reduce-overhead']['train_loss'] == pytest.approx(rows['none']['train_loss'], rel=1e-3)
-    drift = (weights['reduce-overhead'] - weights['none']).abs().max() / weights['none'].abs().max()
-    assert drift < 1e-3, f'weights {drift:.2e} apart (relative to the largest weight)'
+    assert rows['reduce-overhead']['train_loss'] == pytest.approx(rows['none']['train_loss'], rel=2e-4)

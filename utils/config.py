@@ -213,8 +213,8 @@ def add_common_arguments(parser: ToolkitParser) -> None:
     parser.add_argument('--compile', default='none', choices=COMPILE_MODES,
                         help="torch.compile the training step: 'reduce-overhead' replays it as CUDA graphs (2.3x and 2.9x "
                              "the eager loop's images/s in two runs, PreAct-ResNet18 at batch 128 on an H200; "
-                             'bench/throughput.py), after about 20 s of compilation per training phase; its losses '
-                             "are not bit-identical to the eager loop's (README, 'Measured on a GPU')")
+                             'bench/throughput.py), after about 20 s of compilation per training phase; its kernels round '
+                             "differently from the eager loop's (README, 'Measured on a GPU')")
     parser.add_argument('--record_root', default=str(REPO_ROOT / 'record'), type=path_arg,
                         help='folder holding one sub-folder per record')
 
