@@ -88,10 +88,12 @@ def test_channels_last_training_matches_the_usual_layout_and_hands_the_model_bac
     for channels_last in (False, True):
         torch.manual_seed(0)
         model = build_model('resnet20', 10, (3, 32, 32), dataset='cifar10')
-        settings = TrainSettings(epochs=1, batch_size=64, lr=0.05, amp=False, channels_last=channels_last)
+        # lr 0.002: NHWC kernels round differently, and at higher rates this training amplifies rounding
+        # (see test_cuda_graph_training_matches_eager_training)
+        settings = TrainSettings(epochs=1, batch_size=64, lr=0.002, amp=False, channels_last=channels_last)
         losses[channels_last] = train(model, data, settings, GPU, log=lambda _: None)[0]['train_loss']
         assert all(p.is_contiguous() for p in model.parameters())
-    assert losses[True] == pytest.approx(losses[False], rel=1e-3)
+    assert losses[True] == pytest.approx(losses[False], rel=2e-4)
 
 
 def test_cuda_graph_training_matches_eager_training(exact_arithmetic):
