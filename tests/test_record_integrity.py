@@ -276,3 +276,26 @@ def test_error_wording(tmp_path):
     torch.save({'x': Pickled()}, tmp_path / 'rec' / 'attack_result.pt')
     message = refused(defend(tmp_path), 'Python objects', 'refused')
     assert 'weights_only' not in message
+
+
+def test_resume_compares_a_file_option_by_its_bytes_not_its_path(tmp_path):
+    """A trigger image read from another checkout (same bytes, other path) is the same run; a file
+    with other bytes at the recorded path's name is not."""
+    from utils import UserError
+    from utils.runs import RUN_FILE, RunFolder
+    first, moved, other = tmp_path / 'a' / 'trigger.png', tmp_path / 'b' / 'trigger.png', tmp_path / 'c' / 'trigger.png'
+    for path, content in ((first, b'pattern'), (moved, b'pattern'), (other, b'another')):
+        path.parent.mkdir()
+        path.write_bytes(content)
+    folder = tmp_path / 'rec'
+    folder.mkdir()
+    (folder / RUN_FILE).write_text(json.dumps({'identity': {'lr': 0.01, 'image': str(first)}}))
+
+    def resume(image):
+        RunFolder(folder, what='the record', results=('r.pt',), resume=True, overwrite=False).check_resume(
+            {'lr': 0.01, 'image': str(image)})
+
+    resume(first)
+    resume(moved)
+    with pytest.raises(UserError, match='image'):
+        resume(other)

@@ -47,6 +47,19 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def same_option_value(stored: Any, expected: Any) -> bool:
+    """Whether a recorded option equals this run's: equal values, or two paths of files with the same
+    bytes (a trigger image read from another checkout is the same trigger)."""
+    if stored == expected:
+        return True
+    if not (isinstance(stored, str) and isinstance(expected, str) and stored and expected):
+        return False
+    try:
+        return Path(stored).is_file() and Path(expected).is_file() and sha256_file(Path(stored)) == sha256_file(Path(expected))
+    except OSError:
+        return False
+
+
 def identity_of(config: dict[str, Any], **extra) -> dict[str, Any]:
     """The options of ``config`` that determine a run's result, with the record format version."""
     return {k: v for k, v in sorted(config.items()) if k not in NOT_IDENTITY} | {'record_format': RECORD_FORMAT} | extra
@@ -187,7 +200,7 @@ class RunFolder:
         except (OSError, ValueError, KeyError):
             raise UserError(f'{path} is unreadable: rerun with --overwrite instead of --resume') from None
         keys = sorted(set(stored) | set(self.identity))
-        differ = [k for k in keys if stored.get(k) != self.identity.get(k)]
+        differ = [k for k in keys if not same_option_value(stored.get(k), self.identity.get(k))]
         if differ == ['epochs']:
             before, now = stored['epochs'], self.identity['epochs']
             if now > before and self.schedule in EXTENSIBLE_SCHEDULES:

@@ -32,7 +32,7 @@ from . import REPO_ROOT, UserError
 from .config import config_to_dict, parse_config
 from .record import ATTACK_RESULT, DEFENSE_RESULT, save_json
 from .registry import ATTACKS, DEFENSES
-from .runs import FolderLock, NOT_IDENTITY, check_record_hash, folder_in_use, sha256_file, staging_path
+from .runs import FolderLock, NOT_IDENTITY, check_record_hash, folder_in_use, same_option_value, staging_path
 
 SWEEP_KEYS = {'name', 'datasets', 'models', 'seeds', 'attacks', 'defenses', 'recipe', 'defense_recipe', 'record_name',
               'launcher', 'workers', 'slurm'}
@@ -179,22 +179,10 @@ def expected_options(step: Step) -> dict[str, Any]:
     return config_to_dict(parse_config(_parser(step.kind, step.method), [], step.config))
 
 
-def _same_value(stored: Any, expected: Any) -> bool:
-    """Equal, or two paths of files with the same bytes (a trigger image read from another checkout)."""
-    if stored == expected:
-        return True
-    if not (isinstance(stored, str) and isinstance(expected, str) and stored and expected):
-        return False
-    try:
-        return Path(stored).is_file() and Path(expected).is_file() and sha256_file(Path(stored)) == sha256_file(Path(expected))
-    except OSError:
-        return False
-
-
 def _same_run(stored: dict[str, Any], step: Step) -> bool:
     skip = NOT_IDENTITY | ({'dataset', 'model'} if step.kind == 'defense' else set()) | {'record_format', 'attack_record_sha256'}
     expected = expected_options(step)
-    return all(_same_value(stored.get(k), v) for k, v in expected.items() if k not in skip)
+    return all(same_option_value(stored.get(k), v) for k, v in expected.items() if k not in skip)
 
 
 def verified(step: Step, record_root: Path) -> bool:
