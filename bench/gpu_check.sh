@@ -5,8 +5,9 @@
 #   2. BadNets on PreAct-ResNet18, the shipped YAML for $EPOCHS epochs (the paper's recipe, shortened);
 #   3. FMP and FT on the record, each printing its before/after table;
 #   4. FMP's ranking of every feature map of that record's model, reference loop against the fast path
-#      at each chunk size in $CHUNKS, with whether the flags are identical (bench/fmp_rank.py), then
-#      both in float64, where only a real difference between the paths can remain;
+#      at each chunk size in $CHUNKS, in NCHW and NHWC, with whether the flags are identical
+#      (bench/fmp_rank.py), then both in float64 on the first 10 layers (the reference is slow
+#      there), where only a real difference between the paths can remain;
 #   5. training throughput of PreAct-ResNet18, this toolkit's pipeline against a BackdoorBench-style
 #      one (PIL transforms, DataLoader workers), same batch size, same run, then the toolkit's loop
 #      in channels-last, with cuDNN autotuning, compiled, as CUDA graphs and with a fused SGD
@@ -52,10 +53,10 @@ python3 ./defense/ft/ft.py --result_file badnet_gpu --yaml_path ./config/defense
     --record_root '$RECORD' --device '$DEVICE' --overwrite"
 # ranked on the trained record: a model with random weights scores every map alike, which proves nothing
 step fmp_rank 150 python3 bench/fmp_rank.py --result_file badnet_gpu --record_root "$RECORD" --device "$DEVICE" \
-    --channel_chunk $CHUNKS ${LAYERS:+--layers "$LAYERS"}
+    --channel_chunk $CHUNKS --channels_last false true ${LAYERS:+--layers "$LAYERS"}
 # the same comparison in float64: scores that still differ there differ for a reason other than rounding
 step fmp_rank_float64 150 python3 bench/fmp_rank.py --result_file badnet_gpu --record_root "$RECORD" --device "$DEVICE" \
-    --channel_chunk 32 --float64 true ${LAYERS:+--layers "$LAYERS"}
+    --channel_chunk 32 --channels_last false true --float64 true --layers "${LAYERS:-10}"
 # last: its torch.compile variant is the slowest to set up, and a time limit then cuts only that
 step throughput 200 python3 bench/throughput.py --model "$MODEL" --device "$DEVICE" --images "$IMAGES" \
     --batch_size 128 --workers 4 --dataset_path "$DATA"
