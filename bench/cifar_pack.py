@@ -16,10 +16,12 @@ import pickle
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
+import torch
 from PIL import Image
 
 from utils import REPO_ROOT
 from utils.config import UserError, positive_int, run_main
+from utils.data import Split, write_cifar_batch
 
 BATCHES = [f'data_batch_{i}' for i in range(1, 6)] + ['test_batch']
 SIDE = 32
@@ -76,18 +78,16 @@ def unpack(args) -> None:
     folder = Path(args.out) / 'cifar-10-batches-py'
     folder.mkdir(parents=True, exist_ok=True)
     found = {path.stem: path for path in packed.glob('part*/*.webp')}
-    missing = [name for name in BATCHES if name not in found]
+    metas = sorted(packed.glob('part*/batches.meta'))
+    missing = [name for name in BATCHES if name not in found] + ([] if metas else ['batches.meta'])
     if missing:
-        raise UserError(f'{packed}: no mosaic for {", ".join(missing)} (carry every part)')
+        raise UserError(f'{packed}: no {", ".join(missing)} in its parts (carry every part)')
     for name in BATCHES:
         meta = json.loads(found[name].with_suffix('.json').read_text())
         with Image.open(found[name]) as picture:
-            data = unmosaic(np.asarray(picture.convert('RGB')))
-        entry = {'batch_label': meta['batch_label'], 'labels': meta['labels'], 'data': data,
-                 'filenames': [f'{i}.png' for i in range(len(data))]}
-        with open(folder / name, 'wb') as handle:
-            pickle.dump(entry, handle, protocol=4)
-    (folder / 'batches.meta').write_bytes(next(packed.glob('part*/batches.meta')).read_bytes())
+            images = torch.from_numpy(unmosaic(np.asarray(picture.convert('RGB')))).view(-1, 3, SIDE, SIDE)
+        write_cifar_batch(Split(images, torch.tensor(meta['labels'], dtype=torch.int64)), folder / name, meta['batch_label'])
+    (folder / 'batches.meta').write_bytes(metas[0].read_bytes())
     print(f'{len(BATCHES)} batches written to {folder}')
 
 

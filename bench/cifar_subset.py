@@ -14,14 +14,7 @@ import torch
 
 from utils import REPO_ROOT
 from utils.config import positive_int, run_main
-from utils.data import Split, class_balanced_subset, load_dataset
-
-
-def write_batch(split: Split, path: Path, name: str) -> None:
-    entry = {'batch_label': name, 'labels': split.labels.tolist(),
-             'data': split.images.reshape(len(split), -1).numpy(), 'filenames': [f'{i}.png' for i in range(len(split))]}
-    with open(path, 'wb') as handle:
-        pickle.dump(entry, handle, protocol=4)
+from utils.data import class_balanced_subset, load_dataset, write_cifar_batch
 
 
 def main(argv=None):
@@ -38,8 +31,8 @@ def main(argv=None):
     folder = Path(args.out) / 'cifar-10-batches-py'
     folder.mkdir(parents=True, exist_ok=True)
     for i, index in enumerate(torch.arange(len(train)).chunk(5)):
-        write_batch(train.subset(index), folder / f'data_batch_{i + 1}', f'training batch {i + 1} of 5')
-    write_batch(test, folder / 'test_batch', 'testing batch 1 of 1')
+        write_cifar_batch(train.subset(index), folder / f'data_batch_{i + 1}', f'training batch {i + 1} of 5')
+    write_cifar_batch(test, folder / 'test_batch', 'testing batch 1 of 1')
     names = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
     with open(folder / 'batches.meta', 'wb') as handle:
         pickle.dump({'label_names': names, 'num_cases_per_batch': len(train) // 5, 'num_vis': 3072}, handle)

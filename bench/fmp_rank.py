@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from bench.profiling import profiled
 from models import build_model
 from utils.config import resolve_device, run_main, str2bool, synchronize
 from utils.data import dataset_spec, load_splits
@@ -24,23 +25,6 @@ from utils.fmp import RankSettings, flag_channels, rank_feature_maps, rank_refer
 from utils.pruning import conv_layers
 from utils.record import load_attack_record, load_record_model, record_folder
 from utils import REPO_ROOT
-
-
-def profile_ranking(rank, device) -> None:
-    """Wall time against the GPU's kernel time of one ranking, and the kernels that take the time."""
-    from torch.profiler import ProfilerActivity, profile
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
-    synchronize(device)
-    started = time.perf_counter()
-    with profile(activities=activities) as prof:
-        rank()
-        synchronize(device)
-    wall = time.perf_counter() - started
-    kernels = [e for e in prof.events() if e.device_type.name == 'CUDA']
-    busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e6
-    print(f'profile: {wall:.2f} s wall (profiler on), {busy:.2f} s of GPU kernels in {len(kernels)} launches')
-    print(prof.key_averages().table(sort_by='device_time_total' if device.type == 'cuda' else 'cpu_time_total',
-                                    row_limit=15))
 
 
 def main(argv=None):
@@ -134,10 +118,12 @@ def main(argv=None):
         print(f'  speed-up (reference / fast): {ref_seconds / seconds:.2f}x; flagged channels identical: {same_flags}; '
               f'scores: max |difference| {max_diff:.4g}, {differing} of {channels} differ')
     if args.profile:
-        profile_ranking(lambda: rank_feature_maps(model, x, y, RankSettings(channel_chunk=args.channel_chunk[-1],
-                                                                            channels_last=args.channels_last[-1]),
-                                                  torch.Generator().manual_seed(args.seed), progress=False, only=only),
-                        device)
+        wall, busy, launches, table = profiled(
+            lambda: rank_feature_maps(model, x, y, RankSettings(channel_chunk=args.channel_chunk[-1],
+                                                                channels_last=args.channels_last[-1]),
+                                      torch.Generator().manual_seed(args.seed), progress=False, only=only), device, 15)
+        print(f'profile: {wall:.2f} s wall (profiler on), {busy:.2f} s of GPU kernels in {launches} launches')
+        print(table)
     all_scores = torch.cat(list((ref or fast).values()))
     print(f'scores: min {all_scores.min():.3f}, mean {all_scores.mean():.3f}, {len(all_scores.unique())} distinct values '
           '(all equal would make the comparison trivial)')

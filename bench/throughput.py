@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from bench.profiling import profiled
 from models import build_model
 from utils import REPO_ROOT
 from utils.config import resolve_device, run_main, str2bool, synchronize
@@ -100,22 +101,13 @@ def backdoorbench_images_per_second(model, data: Split, batch_size: int, amp: bo
 def profile_steps(model, data: Split, batch_size: int, amp: bool, device, steps: int) -> None:
     """Wall time against GPU kernel time per step of the toolkit's loop: far more wall than kernel
     time means the GPU waits on the CPU (launches, Python), which CUDA graphs remove."""
-    from torch.profiler import ProfilerActivity, profile
     settings = TrainSettings(epochs=1, batch_size=batch_size, lr=0.01, amp=amp)
     few = data.subset(torch.arange(steps * batch_size))
     train(model, few, settings, device, log=lambda _: None)          # warm-up
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
-    synchronize(device)
-    started = time.perf_counter()
-    with profile(activities=activities) as prof:
-        train(model, few, settings, device, log=lambda _: None)
-        synchronize(device)
-    wall = (time.perf_counter() - started) / steps
-    events = [e for e in prof.events() if e.device_type.name == 'CUDA']
-    kernel = sum(e.time_range.elapsed_us() for e in events) / 1e6 / steps
-    print(f'profile, {steps} steps: {1000 * wall:.2f} ms wall per step (profiler on), {1000 * kernel:.2f} ms of GPU '
-          f'kernels per step in {len(events) // steps} launches')
-    print(prof.key_averages().table(sort_by='device_time_total' if device.type == 'cuda' else 'cpu_time_total', row_limit=12))
+    wall, kernel, launches, table = profiled(lambda: train(model, few, settings, device, log=lambda _: None), device)
+    print(f'profile, {steps} steps: {1000 * wall / steps:.2f} ms wall per step (profiler on), {1000 * kernel / steps:.2f} ms '
+          f'of GPU kernels per step in {launches // steps} launches')
+    print(table)
 
 
 PIPELINES = {'toolkit': 'toolkit', 'backdoorbench': 'backdoorbench-style', 'channels_last': 'toolkit, channels-last',

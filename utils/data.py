@@ -77,6 +77,14 @@ def _read_cifar_batches(folder: Path, files: list[str], label_key: str) -> Split
     return Split(torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)))
 
 
+def write_cifar_batch(split: Split, path: Path, batch_label: str) -> None:
+    """``split`` as one batch file of the standard CIFAR-10 pickle layout (what :func:`_read_cifar_batches` reads)."""
+    entry = {'batch_label': batch_label, 'labels': split.labels.tolist(),
+             'data': split.images.reshape(len(split), -1).numpy(), 'filenames': [f'{i}.png' for i in range(len(split))]}
+    with open(path, 'wb') as handle:
+        pickle.dump(entry, handle, protocol=4)
+
+
 # The official archives' files and md5 sums (the same table torchvision.datasets.CIFAR10/100 check);
 # kept here so that reading a local copy does not import torchvision (about 2 s per process).
 CIFAR_FILES = {
