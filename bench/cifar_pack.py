@@ -21,7 +21,7 @@ from PIL import Image
 
 from utils import REPO_ROOT
 from utils.config import UserError, positive_int, run_main
-from utils.data import Split, write_cifar_batch
+from utils.data import Split, cifar_folder, write_cifar_batch
 
 BATCHES = [f'data_batch_{i}' for i in range(1, 6)] + ['test_batch']
 SIDE = 32
@@ -54,10 +54,9 @@ def pack_one(source: Path, name: str, target: Path) -> dict:
 
 
 def pack(args) -> None:
-    source = Path(args.dataset_path) / 'cifar-10-batches-py'
-    missing = [name for name in BATCHES + ['batches.meta'] if not (source / name).is_file()]
-    if missing:
-        raise UserError(f'{source}: missing {", ".join(missing)}')
+    source = cifar_folder(Path(args.dataset_path))
+    if source is None or not (source / 'batches.meta').is_file():
+        raise UserError(f'{args.dataset_path}: no complete CIFAR-10 batches folder (cifar-10-batches-py with its batches.meta)')
     out = Path(args.out)
     parts = [BATCHES[i::args.parts] for i in range(args.parts)]
     targets = {name: out / f'part{i + 1}' for i, names in enumerate(parts) for name in names}
@@ -95,7 +94,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest='command', required=True)
     packing = commands.add_parser('pack', help='pickles -> lossless WebP mosaics in --parts folders')
-    packing.add_argument('--dataset_path', default=str(REPO_ROOT / 'data'), help='folder holding cifar-10-batches-py/')
+    packing.add_argument('--dataset_path', default=str(REPO_ROOT / 'data'), help='CIFAR-10, found as the loader finds it')
     packing.add_argument('--out', required=True)
     packing.add_argument('--parts', type=positive_int, default=2, help='folders to split the batches over (one per transfer)')
     packing.add_argument('--workers', type=positive_int, default=2, help='processes encoding at once')

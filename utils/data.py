@@ -6,7 +6,7 @@ import pickle
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -111,16 +111,28 @@ def _download_cifar(tv_class_name: str, target: Path, candidates: list[Path]) ->
                         f'failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ""})') from None
 
 
+def _cifar_candidates(path: Path, tv_class_name: str) -> list[Path]:
+    base = CIFAR_FILES[tv_class_name][0]
+    return [path, path / base, path / tv_class_name.lower() / base]
+
+
+def cifar_folder(path: Path, tv_class_name: str = 'CIFAR10') -> Optional[Path]:
+    """The folder holding every batch file of the standard pickle layout, looked for as the loader
+    does (``path``, ``path/cifar-10-batches-py``, ``path/cifar10/cifar-10-batches-py``); None if absent."""
+    _, train_files, test_files = CIFAR_FILES[tv_class_name]
+    return next((c for c in _cifar_candidates(path, tv_class_name)
+                 if all((c / f).is_file() for f in {**train_files, **test_files})), None)
+
+
 def _load_cifar(path: Path, tv_class_name: str, label_key: str) -> tuple[Split, Split]:
     """Read the standard pickle layout directly; checksums are checked against the official archive's
     and a mismatch is a warning (a reordered but pixel-exact copy is still valid data)."""
     base, train_files, test_files = CIFAR_FILES[tv_class_name]
     expected = {**train_files, **test_files}
-    candidates = [path, path / base, path / tv_class_name.lower() / base]
-    folder = next((c for c in candidates if all((c / f).is_file() for f in expected)), None)
+    folder = cifar_folder(path, tv_class_name)
     if folder is None:
         target = path / tv_class_name.lower()
-        _download_cifar(tv_class_name, target, candidates)
+        _download_cifar(tv_class_name, target, _cifar_candidates(path, tv_class_name))
         folder = target / base
     mismatched = [f for f, md5 in expected.items() if _md5(folder / f) != md5]
     if mismatched:
