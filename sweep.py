@@ -25,7 +25,8 @@ def main(argv=None):
     parser.add_argument('--launcher', choices=LAUNCHERS, default=None,
                         help='subprocess (default), local (submitit\'s local executor) or slurm (submitit)')
     parser.add_argument('--dry_run', action='store_true',
-                        help='list every step as running, done, rerun (outputs that do not verify), resume or run; run nothing')
+                        help='list every step as running, done, archived (settled by the sweep\'s archive), rerun (outputs '
+                             'that do not verify), resume or run; run nothing')
     parser.add_argument('--run_step', default=None, help=argparse.SUPPRESS)   # one step, in a child process
     args = parser.parse_args(argv)
     if args.run_step:
@@ -37,11 +38,12 @@ def main(argv=None):
         states = step_states(Path(resolve_path(args.yaml_path, REPO_ROOT)), Path(record_root))
         for step, state in states:
             print(f'{state:<8}{step.key}')
-        counts = {state: sum(1 for _, s in states if s == state) for state in ('running', 'done', 'rerun', 'resume', 'run')}
+        counts = {state: sum(1 for _, s in states if s == state) for state in ('running', 'done', 'archived', 'rerun', 'resume', 'run')}
         print(f'{len(states)} steps: ' + ', '.join(f'{n} {state}' for state, n in counts.items()))
         return 0
     outcome = run_sweep(Path(resolve_path(args.yaml_path, REPO_ROOT)), Path(record_root), args.workers, args.launcher)
-    print(f"{outcome['done']} of {outcome['steps']} steps done; results in {outcome['folder']}")
+    archived = f" ({outcome['from_archive']} from the archive)" if outcome['from_archive'] else ''
+    print(f"{outcome['done']} of {outcome['steps']} steps done{archived}; results in {outcome['folder']}")
     for key, log in outcome['failed'].items():
         print(f'failed: {key} (log: {log})')
     for key in outcome['skipped']:

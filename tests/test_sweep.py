@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -213,3 +214,50 @@ def test_every_shipped_sweep_plans(path, tmp_path):
     attacks = [s for s in steps if s.kind == 'attack']
     assert len(attacks) == len(sweep['attacks']) * len(sweep['models']) * len(sweep['seeds'])
     assert len(steps) - len(attacks) == len(attacks) * len(sweep['defenses'])
+
+
+def test_an_archived_sweep_resumes_on_an_empty_disk_and_trains_only_what_a_missing_step_needs(tmp_path):
+    """The archive keeps every verified step's text files, no weights. On a new disk the archive alone
+    settles the sweep; with one archived defense gone, its attack is trained again (the same record,
+    by SHA-256, from the same seed) and only that defense runs."""
+    archive = tmp_path / 'archive'
+    path = write_sweep(tmp_path, attacks={'badnet': {}}, defenses={'ft': {'lr': [0.01, 0.02]}}, archive=str(archive))
+    first_root, record = tmp_path / 'first', 'badnet_cifar10_mlp_s0'
+    proc = sweep(path, first_root)
+    assert proc.returncode == 0 and '3 of 3 steps done;' in proc.stdout, describe(proc)
+    kept = archive / 'records' / record
+    assert {p.name for p in (kept / 'defense').iterdir()} == {'ft_lr-0p01', 'ft_lr-0p02'}
+    assert not list(archive.rglob('*.pt')) and (kept / 'archived.json').exists() and (kept / 'metrics.csv').exists()
+    with open(archive / 'results.csv') as handle:
+        archived_rows = list(csv.DictReader(handle))
+    assert sorted(r['defense'] for r in archived_rows) == ['ft', 'ft', 'none'] and results(first_root) == archived_rows
+
+    from utils.sweep import step_states
+    new_root = tmp_path / 'second'                   # a new disk: no record, only the archive
+    assert [state for _, state in step_states(path, new_root)] == ['archived'] * 3
+    proc = sweep(path, new_root)
+    assert proc.returncode == 0 and '3 of 3 steps done (3 from the archive)' in proc.stdout, describe(proc)
+    assert not (new_root / record).exists() and results(new_root) == archived_rows
+
+    shutil.rmtree(kept / 'defense' / 'ft_lr-0p02')   # one step missing: its attack must exist again to run it
+    assert [state for _, state in step_states(path, new_root)] == ['run', 'archived', 'run']
+    proc = sweep(path, new_root)
+    assert proc.returncode == 0 and '3 of 3 steps done (1 from the archive)' in proc.stdout, describe(proc)
+    assert [p.parent.name for p in new_root.glob('*/defense/*/defense_result.pt')] == ['ft_lr-0p02']
+    assert (kept / 'defense' / 'ft_lr-0p02' / 'archived.json').exists()
+    def figures(rows):   # every column but the time a step took
+        return sorted(str({k: v for k, v in r.items() if k != 'seconds'}) for r in rows)
+    assert figures(results(new_root)) == figures(archived_rows)   # the same record, the same figures row for row
+
+    # the archive's report rebuilds from the archive alone
+    (archive / 'results.csv').unlink()
+    rebuilt = subprocess.run([sys.executable, '-m', 'utils.report', str(archive)], cwd=REPO_ROOT, env=script_env(),
+                             capture_output=True, text=True, timeout=300)
+    assert rebuilt.returncode == 0 and '3 rows' in rebuilt.stdout, describe(rebuilt)
+
+
+def test_an_attack_trained_on_another_records_model_waits_for_it():
+    from utils.sweep import load_sweep, plan
+    steps = {s.key: s for s in plan(load_sweep(REPO_ROOT / 'config' / 'sweep' / 'cifar10_cpu.yaml'), REPO_ROOT / 'record')}
+    assert steps['attack:lf_cifar10'].depends == 'attack:clean_cifar10'
+    assert steps['attack:badnet_cifar10'].depends is None

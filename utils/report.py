@@ -2,6 +2,7 @@
 
     python -m utils.report record/sweeps/demo_cpu        # a sweep's folder (its steps.json)
     python -m utils.report record                         # every record under a folder
+    python -m utils.report bench/results/cifar10_cpu      # a sweep's archive (utils/archive.py)
 
 writes ``results.csv`` (one row per record x defense x setting: ACC, ASR, RA, DER, seconds, seed,
 commit), ``results.md`` (mean ± std over seeds; per attack, the lowest ASR among the defenses that
@@ -19,6 +20,7 @@ from typing import Any, Optional
 
 import pandas as pd
 
+from .archive import RECORDS, ran_on, read_stamp
 from .record import ATTACK_RESULT, DEFENSE_RESULT, save_text
 
 ACC_TOLERANCE = 0.02   # "keeps ACC": within 2 points of the undefended model
@@ -45,27 +47,51 @@ def _row(record_folder: Path, defense: str, setting: Any, summary: dict, attack_
             'commit': summary.get('commit', attack_summary.get('commit', ''))}
 
 
-def collect(folder: Path, record_root: Optional[Path] = None) -> list[dict]:
+def _record_root(folder: Path, record_root: Optional[Path], archive: Optional[Path]) -> Path:
+    """Where a sweep's records are: its archive when it has one (every verified step is archived as
+    it finishes), else the record root."""
+    if archive is not None:
+        return Path(archive) / RECORDS
+    if record_root is not None:
+        return Path(record_root)
+    return folder / RECORDS if (folder / RECORDS).is_dir() else folder.parents[1]
+
+
+def _finished_record(root: Path, name: str) -> Optional[Path]:
+    """The record ``name`` under ``root`` if it finished (or was archived finished), else None."""
+    record = root / name
+    return record if (record / ATTACK_RESULT).exists() or read_stamp(record) is not None else None
+
+
+def _finished_run(record: Path, name: str) -> Optional[Path]:
+    """The defense run ``name`` on ``record``: finished, or archived from that very attack record."""
+    run = record / 'defense' / name
+    return run if (run / DEFENSE_RESULT).exists() or ran_on(run, record) else None
+
+
+def collect(folder: Path, record_root: Optional[Path] = None, archive: Optional[Path] = None) -> list[dict]:
     """One row per finished attack record ('none') and per finished defense run under ``folder``
-    (a sweep folder: its steps; otherwise every record found below it)."""
+    (a sweep folder or a sweep's archive: its steps, live or archived; otherwise every record found
+    below it)."""
     import yaml
     folder = Path(folder)
     rows = []
     steps_file = folder / 'steps.json'
     if steps_file.exists():
-        root = Path(record_root) if record_root else folder.parents[1]
+        root = _record_root(folder, record_root, archive)
         steps = _read_json(steps_file)['steps']
         records = {s['record']: s for s in steps if s['kind'] == 'attack'}
-        runs = [(root / s['record'], s['folder'], s['labels'].get('defense', s['method']), s['labels'].get('setting'))
+        runs = [(s['record'], s['folder'], s['labels'].get('defense', s['method']), s['labels'].get('setting'))
                 for s in steps if s['kind'] == 'defense']
-        record_folders = [root / name for name in records]
+        record_folders = [_finished_record(root, name) for name in records]
         labels = {name: s['labels'].get('attack') for name, s in records.items()}
     else:
         record_folders = sorted(p.parent for p in folder.rglob(ATTACK_RESULT) if 'defense' not in p.parts[-3:])
-        runs = [(p.parents[2], p.parent.name, p.parent.name, None) for p in folder.rglob(DEFENSE_RESULT)]
+        runs = list(dict.fromkeys((p.parents[2].name, p.parent.name, p.parent.name, None)
+                                  for p in folder.rglob(DEFENSE_RESULT)))
         labels = {}
     for record in record_folders:
-        if not (record / ATTACK_RESULT).exists():
+        if record is None:
             continue
         attack_summary = _read_json(record / 'summary.json')
         config = yaml.safe_load((record / 'config.yaml').read_text()) if (record / 'config.yaml').exists() else {}
@@ -73,10 +99,9 @@ def collect(folder: Path, record_root: Optional[Path] = None) -> list[dict]:
             config['attack'] = labels[record.name]
         rows.append(_row(record, 'none', None, {}, attack_summary, config))
         for parent, name, label, setting in runs:
-            if parent != record or not (parent / 'defense' / name / DEFENSE_RESULT).exists():
-                continue
-            summary = _read_json(parent / 'defense' / name / 'summary.json')
-            rows.append(_row(record, label, setting, summary, attack_summary, config))
+            run = _finished_run(record, name) if parent == record.name else None
+            if run is not None:
+                rows.append(_row(record, label, setting, _read_json(run / 'summary.json'), attack_summary, config))
     return rows
 
 
@@ -221,10 +246,10 @@ def plot_curves(metrics_csv: Path, path: Path, title: str) -> bool:
     return True
 
 
-def write_report(folder: Path, record_root: Optional[Path] = None) -> list[dict]:
+def write_report(folder: Path, record_root: Optional[Path] = None, archive: Optional[Path] = None) -> list[dict]:
     """results.csv, results.md and the plots for ``folder``."""
     folder = Path(folder)
-    rows = collect(folder, record_root)
+    rows = collect(folder, record_root, archive)
     if not rows:
         save_text('no finished records found\n', folder / 'results.md')
         return rows
@@ -235,9 +260,9 @@ def write_report(folder: Path, record_root: Optional[Path] = None) -> list[dict]
     save_text(markdown(table), folder / 'results.md')
     plot_tradeoff(table, folder / 'acc_vs_asr.png')
     plot_bars(table, folder / 'bars.png')
-    root = Path(record_root) if record_root else (folder.parents[1] if (folder / 'steps.json').exists() else folder)
+    root = _record_root(folder, record_root, archive) if (folder / 'steps.json').exists() else folder
     for record in dict.fromkeys(r['record'] for r in rows):
-        base = root / record if (root / record).exists() else next(folder.rglob(record), None)
+        base = _finished_record(root, record) or next(folder.rglob(record), None)
         if base is None:
             continue
         plot_curves(base / 'metrics.csv', folder / f'curves_{record}.png', f'{record}: training')

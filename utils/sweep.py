@@ -8,7 +8,10 @@ with are the step's), so a killed sweep resumes where it stopped; a step that ex
 verify is rerun (``--resume`` when its run has this step's options, else ``--overwrite``). A failed
 step never stops the others: it is listed at the end with its log; the defenses of a failed attack
 are skipped. Steps run as subprocesses (``--workers N`` at once) or as submitit jobs (``launcher:
-slurm``; ``local`` runs submitit's local executor), by one scheduler that honours the dependencies.
+slurm``; ``local`` runs submitit's local executor), by one scheduler that honours the dependencies
+(a defense waits for its attack; an attack trained on another's record, e.g. ``clean_model``, for it).
+With ``archive:`` set, every step that verifies is also kept, without weights, in that folder
+(:mod:`utils.archive`), and a step found there with its options counts as done on any disk.
 
     python sweep.py --yaml_path config/sweep/demo_cpu.yaml
 """
@@ -32,10 +35,11 @@ from . import REPO_ROOT, UserError
 from .config import config_to_dict, parse_config
 from .record import ATTACK_RESULT, DEFENSE_RESULT, save_json
 from .registry import ATTACKS, DEFENSES
+from .archive import archive_folder, archive_run, ran_on, read_stamp, record_digest, summary_sha256
 from .runs import FolderLock, NOT_IDENTITY, check_record_hash, folder_in_use, same_option_value, staging_path
 
 SWEEP_KEYS = {'name', 'datasets', 'models', 'seeds', 'attacks', 'defenses', 'recipe', 'defense_recipe', 'record_name',
-              'launcher', 'workers', 'slurm'}
+              'launcher', 'workers', 'slurm', 'archive'}
 LAUNCHERS = ('subprocess', 'local', 'slurm')
 DEFAULT_RECORD_NAME = '{attack}_{dataset}_{model}_s{seed}'
 
@@ -125,6 +129,8 @@ def load_sweep(path: Path) -> dict[str, Any]:
     sweep['launcher'] = sweep.get('launcher', 'subprocess')
     if sweep['launcher'] not in LAUNCHERS:
         raise UserError(f'{path}: unknown launcher {sweep["launcher"]!r} (choose from {", ".join(LAUNCHERS)})')
+    if sweep.get('archive') is not None:
+        sweep['archive'] = REPO_ROOT / sweep['archive']   # relative to the repository, as the YAMLs' other paths
     return sweep
 
 
@@ -159,6 +165,11 @@ def plan(sweep: dict[str, Any], record_root: Path) -> list[Step]:
                     _check_options('defense', defense['method'], dconfig, sweep)
                     steps.append(Step(f'defense:{record}/{folder}', 'defense', defense['method'], dconfig, record, folder,
                                       attack_step.key, labels | {'defense': defense_label, 'setting': dsetting}))
+    records = {s.record: s.key for s in steps if s.kind == 'attack'}
+    for step in steps:   # an attack trained on another attack's record (clean_model) waits for it
+        if step.kind == 'attack':
+            step.depends = next((records[v] for k, v in step.config.items()
+                                 if k != 'save_folder_name' and isinstance(v, str) and v in records), None)
     keys = [s.key for s in steps]
     if len(set(keys)) != len(keys):
         raise UserError('two steps of this sweep would write the same folder: give the attacks or defenses distinct labels')
@@ -202,6 +213,45 @@ def verified(step: Step, record_root: Path) -> bool:
         return False
 
 
+def archived(step: Step, archive: Path) -> bool:
+    """Whether the archive holds the step's run, made with the step's options (a defense: on the
+    attack record archived beside it)."""
+    folder = archive_folder(archive, step.record, step.folder)
+    if read_stamp(folder) is None:
+        return False
+    try:
+        if not _same_run(yaml.safe_load((folder / 'config.yaml').read_text()) or {}, step):
+            return False
+    except (OSError, yaml.YAMLError):
+        return False
+    return step.kind == 'attack' or ran_on(folder, archive_folder(archive, step.record))
+
+
+def taken_from_archive(steps: list[Step], archive: Optional[Path], done: set[str]) -> set[str]:
+    """The steps an archive settles: every archived defense, and every archived attack that no step
+    still to run needs (its defenses, or an attack trained on its record)."""
+    if archive is None:
+        return set()
+    taken = {s.key for s in steps if s.key not in done and archived(s, archive)}
+    for step in reversed(steps):   # users come after the record they use
+        if step.kind == 'attack' and step.key in taken and any(
+                other.depends == step.key and other.key not in done | taken for other in steps):
+            taken.discard(step.key)
+    return taken
+
+
+def keep_in_archive(step: Step, record_root: Path, archive: Optional[Path]) -> None:
+    """Copy a verified step's text files into the archive unless it holds them already."""
+    if archive is None:
+        return
+    source, target = step.output(record_root), archive_folder(archive, step.record, step.folder)
+    if read_stamp(target) is not None and summary_sha256(target) == summary_sha256(source) and archived(step, archive):
+        return
+    parent = Path(record_root) / step.record / ATTACK_RESULT
+    stamp = {'record_digest' if step.kind == 'attack' else 'attack_record_digest': record_digest(parent)}
+    archive_run(source, target, step.key, stamp)
+
+
 def launch_options(step: Step, record_root: Path) -> dict[str, Any]:
     """--resume for an interrupted run of this step's options, --overwrite for anything else in the way."""
     folder = step.output(record_root)
@@ -233,14 +283,21 @@ def step_states(sweep_path: Path, record_root: Path) -> list[tuple[Step, str]]:
     """What a run of the sweep would do with each step, without running or writing anything:
     ``running`` (a run holds its folder now), ``done`` (its outputs verify), ``rerun`` (outputs that do
     not verify: changed, made with other options, or from an attack record that has changed since),
-    ``resume`` (an interrupted run of its options) or ``run`` (nothing there yet)."""
+    ``resume`` (an interrupted run of its options), ``archived`` (settled by the sweep's archive) or
+    ``run`` (nothing there yet)."""
+    sweep = load_sweep(sweep_path)
+    steps = plan(sweep, Path(record_root))
+    done = {s.key for s in steps if verified(s, record_root)}
+    taken = taken_from_archive(steps, sweep.get('archive'), done)
     states = []
-    for step in plan(load_sweep(sweep_path), Path(record_root)):
+    for step in steps:
         result = step.output(record_root) / (ATTACK_RESULT if step.kind == 'attack' else DEFENSE_RESULT)
         if folder_in_use(step.output(record_root)):
             state = 'running'
-        elif verified(step, record_root):
+        elif step.key in done:
             state = 'done'
+        elif step.key in taken:
+            state = 'archived'
         else:
             options = launch_options(step, record_root)
             state = 'rerun' if result.exists() or options.get('overwrite') else 'resume' if options.get('resume') else 'run'
@@ -338,7 +395,13 @@ def run_sweep(sweep_path: Path, record_root: Path, workers: Optional[int] = None
         kind = launcher or sweep['launcher']
         runner = SubprocessLauncher(logs) if kind == 'subprocess' else SubmititLauncher(logs, kind, sweep.get('slurm') or {})
         workers = workers or int(sweep.get('workers', 1))
+        archive = sweep.get('archive')
         done = {s.key for s in steps if verified(s, record_root)}
+        for step in steps:
+            if step.key in done:
+                keep_in_archive(step, record_root, archive)
+        taken = taken_from_archive(steps, archive, done)
+        from_archive: set[str] = set()
         failed: dict[str, Path] = {}
         skipped: list[str] = []
         pending = [s for s in steps if s.key not in done]
@@ -346,14 +409,21 @@ def run_sweep(sweep_path: Path, record_root: Path, workers: Optional[int] = None
         bar = tqdm(total=len(steps), initial=len(done), desc=f'sweep {sweep["name"]}', disable=None)
         while pending or running:
             for step in list(pending):
-                if len(running) >= workers:
-                    break
                 if step.depends in failed or step.depends in skipped:
                     pending.remove(step)
                     skipped.append(step.key)
                     bar.update(1)
                     continue
                 if step.depends is not None and step.depends not in done:
+                    continue
+                # an archived defense is checked when its attack is done: a retrained record may differ
+                if archive is not None and (step.key in taken if step.kind == 'attack' else archived(step, archive)):
+                    pending.remove(step)
+                    done.add(step.key)
+                    from_archive.add(step.key)
+                    bar.update(1)
+                    continue
+                if len(running) >= workers:
                     continue
                 payload = {'kind': step.kind, 'method': step.method,
                            'config': step.config | launch_options(step, record_root)}
@@ -367,15 +437,21 @@ def run_sweep(sweep_path: Path, record_root: Path, workers: Optional[int] = None
                 bar.update(1)
                 if outcome and verified(step, record_root):
                     done.add(key)
+                    keep_in_archive(step, record_root, archive)
                 else:
                     failed[key] = runner.log_path(handle)
             bar.set_postfix_str(', '.join(running) or 'waiting')
             time.sleep(0.2)
         bar.close()
-    outcome = {'steps': len(steps), 'done': len(done), 'failed': {k: str(v) for k, v in failed.items()},
+    outcome = {'steps': len(steps), 'done': len(done), 'from_archive': len(from_archive), 'failed': {k: str(v) for k, v in failed.items()},
                'skipped': skipped, 'folder': str(out)}
     save_json(outcome, out / 'outcome.json')
     if report:
         from .report import write_report
-        write_report(out, record_root)
+        write_report(out, record_root, archive)
+        if archive is not None:   # the archive's own copy: its tables and plots rebuild from it alone
+            save_json({'sweep': str(Path(sweep_path).name),
+                       'steps': [{k: v for k, v in asdict(s).items() if k != 'config'} for s in steps]},
+                      archive / 'steps.json')
+            write_report(archive)
     return outcome
