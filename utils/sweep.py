@@ -402,6 +402,7 @@ def run_sweep(sweep_path: Path, record_root: Path, workers: Optional[int] = None
                 keep_in_archive(step, record_root, archive)
         taken = taken_from_archive(steps, archive, done)
         from_archive: set[str] = set()
+        looked_up: set[str] = set()   # steps whose archive entry has been checked (once: when they may run)
         failed: dict[str, Path] = {}
         skipped: list[str] = []
         pending = [s for s in steps if s.key not in done]
@@ -417,12 +418,14 @@ def run_sweep(sweep_path: Path, record_root: Path, workers: Optional[int] = None
                 if step.depends is not None and step.depends not in done:
                     continue
                 # an archived defense is checked when its attack is done: a retrained record may differ
-                if archive is not None and (step.key in taken if step.kind == 'attack' else archived(step, archive)):
+                if archive is not None and step.key not in looked_up and (
+                        step.key in taken if step.kind == 'attack' else archived(step, archive)):
                     pending.remove(step)
                     done.add(step.key)
                     from_archive.add(step.key)
                     bar.update(1)
                     continue
+                looked_up.add(step.key)
                 if len(running) >= workers:
                     continue
                 payload = {'kind': step.kind, 'method': step.method,
