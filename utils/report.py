@@ -152,49 +152,77 @@ def _pyplot():
     return plt
 
 
-def plot_tradeoff(table: pd.DataFrame, path: Path) -> None:
-    """ACC against ASR of every defense, one panel per attack: the trade-off at a glance."""
+def _labels(table: pd.DataFrame) -> list[str]:
+    """Each row's name in the plots: its defense, with its setting only where one defense appears
+    with several settings (the sweep's axes)."""
+    settings = table.groupby('defense', sort=False)['setting'].nunique()
+    return [r['defense'] + (f" {r['setting']}" if r['setting'] and settings[r['defense']] > 1 else '')
+            for _, r in table.iterrows()]
+
+
+def _panels(count: int, columns: int, width: float, height: float, below: float = 0.0):
+    """A grid of ``count`` panels, ``columns`` to a row, each ``width`` x ``height`` inches, with
+    ``below`` inches left free under them (for a legend)."""
     plt = _pyplot()
+    columns = min(columns, count)
+    rows = -(-count // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(width * columns, height * rows + below), squeeze=False)
+    for ax in axes.flat[count:]:
+        ax.set_visible(False)
+    return plt, fig, list(axes.flat[:count])
+
+
+def plot_tradeoff(table: pd.DataFrame, path: Path) -> None:
+    """ACC against ASR of every defense, one panel per attack (four to a row): the trade-off at a
+    glance. Each defense keeps its colour and marker in every panel; one legend names them."""
     groups = list(table.groupby(['dataset', 'model', 'attack'], dropna=False, sort=False))
     if not groups:
         return
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.8), squeeze=False)
-    for ax, ((dataset, model, attack), group) in zip(axes[0], groups):
-        for _, r in group.iterrows():
-            label = r['defense'] + (f" {r['setting']}" if r['setting'] else '')
-            marker = 'X' if r['defense'] == 'none' else 'o'
-            ax.scatter(100 * r['asr_mean'], 100 * r['acc_mean'], marker=marker, s=50)
-            ax.annotate(label, (100 * r['asr_mean'], 100 * r['acc_mean']), fontsize=7, xytext=(3, 3),
-                        textcoords='offset points')
+    table = table.assign(label=_labels(table))
+    names = list(dict.fromkeys(l for l in table['label'] if l != 'none'))
+    colours = _pyplot().get_cmap('tab10').colors
+    style = {name: (colours[i % len(colours)], 'osD^v<>ph*'[i // len(colours) % 10]) for i, name in enumerate(names)}
+    style['none'] = ('black', 'X')
+    legend_columns = 2 if len(groups) == 1 else 4
+    legend_inches = 0.25 * -(-len(style) // legend_columns) + 0.15
+    plt, fig, axes = _panels(len(groups), 4, 4.0, 3.5, legend_inches)
+    for ax, ((dataset, model, attack), group) in zip(axes, groups):
+        for _, r in table.loc[group.index].iterrows():
+            colour, marker = style[r['label']]
+            ax.scatter(100 * r['asr_mean'], 100 * r['acc_mean'], color=colour, marker=marker, s=45, alpha=0.85,
+                       edgecolors='white', linewidths=0.5)
         ax.set_title(f'{attack} ({model})', fontsize=10)
         ax.set_xlabel('ASR (%)')
         ax.set_ylabel('ACC (%)')
+        ax.set_xlim(-3, 103)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
+    handles = [plt.Line2D([], [], color=c, marker=m, linestyle='', markersize=7) for c, m in style.values()]
+    fig.legend(handles, ['none (undefended)' if n == 'none' else n for n in style], loc='lower center',
+               ncol=min(legend_columns, len(style)), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, legend_inches / fig.get_figheight(), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def plot_bars(table: pd.DataFrame, path: Path) -> None:
-    """ACC, ASR and RA per defense as grouped bars, one panel per attack."""
-    plt = _pyplot()
+    """ACC, ASR and RA per defense as grouped bars, one panel per attack (two to a row)."""
     groups = list(table.groupby(['dataset', 'model', 'attack'], dropna=False, sort=False))
     if not groups:
         return
-    fig, axes = plt.subplots(len(groups), 1, figsize=(max(6, 1.1 * max(len(g) for _, g in groups)), 3.2 * len(groups)),
-                             squeeze=False)
-    for ax, ((dataset, model, attack), group) in zip(axes[:, 0], groups):
-        names = [r['defense'] + (f"\n{r['setting']}" if r['setting'] else '') for _, r in group.iterrows()]
+    table = table.assign(label=_labels(table))
+    plt, fig, axes = _panels(len(groups), 2, max(6, 0.75 * max(len(g) for _, g in groups)), 3.4, 0.35)
+    for ax, ((dataset, model, attack), group) in zip(axes, groups):
+        names = list(table.loc[group.index, 'label'])
         positions = range(len(names))
         for offset, (metric, color) in zip((-0.27, 0, 0.27), (('acc', 'tab:blue'), ('asr', 'tab:red'), ('ra', 'tab:green'))):
             ax.bar([p + offset for p in positions], 100 * group[f'{metric}_mean'], width=0.27, color=color,
                    label=metric.upper())
-        ax.set_xticks(list(positions), names, fontsize=7)
+        ax.set_xticks(list(positions), names, fontsize=7, rotation=30, ha='right')
         ax.set_ylabel('%')
         ax.set_ylim(0, 100)
         ax.set_title(f'{attack} ({model})', fontsize=10)
-        ax.legend(fontsize=7, ncol=3)
-    fig.tight_layout()
+    fig.legend(*axes[0].get_legend_handles_labels(), loc='upper center', ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
