@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CUDA path checked and timed in one run, meant for a lent GPU (under 8 minutes on one H100):
 #   1. the CUDA-marked tests (tests/test_cuda.py: training with and without AMP, evaluation against
-#      the CPU, FMP's replica-batched ranking against the reference loop, a GPU record defended on the CPU);
+#      the CPU, FMP's channel-batched ranking against the reference loop, a GPU record defended on the CPU);
 #   2. BadNets on PreAct-ResNet18, the shipped YAML for $EPOCHS epochs (the paper's recipe, shortened);
 #   3. FMP and FT on the record, each printing its before/after table;
 #   4. FMP's ranking of every feature map of that record's model, reference loop against the fast path

@@ -1,5 +1,5 @@
 """The CUDA path: training with and without mixed precision, evaluation against the CPU, FMP's
-replica-batched ranking against the reference loop, and a record trained on the GPU defended on the
+channel-batched ranking against the reference loop, and a record trained on the GPU defended on the
 CPU. Marked ``cuda``: skipped where no GPU is visible, run by ``bench/gpu_check.sh``."""
 import pytest
 import torch
@@ -53,7 +53,7 @@ def test_gpu_predictions_match_the_cpu(exact_arithmetic):
     assert (on_cpu == on_gpu).float().mean() >= 0.99
 
 
-def test_replica_batched_ranking_flags_what_the_reference_loop_flags(exact_arithmetic):
+def test_channel_batched_ranking_flags_what_the_reference_loop_flags(exact_arithmetic):
     torch.manual_seed(0)
     model = build_model('resnet20', 10, (3, 32, 32), dataset='cifar10')
     train(model, synthetic_split(), TrainSettings(epochs=2, batch_size=64, lr=0.05, amp=False), GPU, log=lambda _: None)

@@ -76,7 +76,9 @@ def test_fast_ranking_equals_reference_random_weights():
 
 @pytest.mark.parametrize('settings', [RankSettings(channel_chunk=8), RankSettings(channel_chunk=3, steps=2),
                                       RankSettings(steps=3, eps=0.03),
-                                      RankSettings(channel_chunk=8, channels_last=True)])
+                                      RankSettings(channel_chunk=8, channels_last=True),
+                                      RankSettings(channel_chunk=5, objective='excite'),
+                                      RankSettings(channel_chunk=3, steps=2, objective='excite')])
 def test_chunked_and_multistep_paths_equal_reference(settings):
     model, x, y = _random_model_inputs()
     _assert_same_ranking(model, x, y, settings=settings)

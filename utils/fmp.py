@@ -11,9 +11,11 @@ Two implementations of the ranking give the same flags:
 - :func:`rank_reference` mirrors the released loop: per channel, a full forward of the clean and
   of the adversarial batch, one gradient, one scoring forward.
 - :func:`rank_feature_maps` (fast): clean features once for all layers; per layer one forward
-  stopped at that layer; per channel only a backward through that prefix (``channel_chunk=1``),
-  or chunks of channels as replicas in one batched forward/backward (``channel_chunk>1``, for
-  GPUs); all of a layer's adversarial batches scored together under ``inference_mode``.
+  stopped at that layer, then the gradients of ``channel_chunk`` channels' losses at a time in one
+  batched backward through that prefix (``autograd.grad(..., is_grads_batched=True)``: the same
+  graph, one row of the identity as each channel's output gradient); with ``steps > 1`` each
+  channel's batch moves on its own, so chunks of channels run as replicas in one batched
+  forward/backward; all of a layer's adversarial batches scored together under ``inference_mode``.
 Ranking runs with the model in eval mode (BatchNorm uses its running statistics), so samples
 do not interact and the two implementations compute the same gradients.
 """
@@ -45,14 +47,16 @@ def random_start(x: torch.Tensor, alpha: float, generator: torch.Generator) -> t
     return (x + alpha * noise.sign()).clamp(0, 1)
 
 
-def feature_loss(selected: torch.Tensor, clean: torch.Tensor, objective: str = 'displace') -> torch.Tensor:
-    """The loss the FGSM step ascends, summed over channels; ``selected``/``clean`` are (K, N, h, w),
-    so each replica's gradient is exactly the gradient of its own channel's loss.
+def channel_losses(feature: torch.Tensor, clean: torch.Tensor, objective: str = 'displace',
+                   channel_dim: int = 1) -> torch.Tensor:
+    """The loss the FGSM step ascends, one per feature map along ``channel_dim`` (the mean over
+    every other dimension), so the gradient of channel k's entry is that of its own map alone.
     ``displace`` (FMP): MSE(F_lk(x_adv), F_lk(x)). ``excite`` (a variant of this toolkit): the mean
     activation of F_lk(x_adv), i.e. push the map up rather than anywhere away from its clean value."""
+    dims = tuple(d for d in range(feature.dim()) if d != channel_dim % feature.dim())
     if objective == 'excite':
-        return selected.mean(dim=(1, 2, 3)).sum()
-    return (selected - clean).pow(2).mean(dim=(1, 2, 3)).sum()
+        return feature.mean(dim=dims)
+    return (feature - clean).pow(2).mean(dim=dims)
 
 
 def score_predictions(preds: torch.Tensor, labels: torch.Tensor, score: str = 'accuracy') -> torch.Tensor:
@@ -85,7 +89,7 @@ class RankSettings:
     steps: int = 1
     channel_chunk: Optional[int] = None   # channels per batched backward; None: 1 on CPU, 32 on GPU
     score_batch: Optional[int] = None     # images per scoring forward; None: 128 on CPU (cache-sized), 4096 on GPU
-    objective: str = 'displace'           # FMP; 'excite' is this toolkit's variant (see feature_loss)
+    objective: str = 'displace'           # FMP; 'excite' is this toolkit's variant (see channel_losses)
     score: str = 'accuracy'               # FMP; 'collapse' is this toolkit's variant (see score_predictions)
     # fast path in NHWC (model, replicas, scoring batches): cuDNN's TF32 convolutions run NHWC, and in
     # NCHW every convolution transposes its input and output (a fifth of the ranking's GPU time, H200)
@@ -101,15 +105,17 @@ def _layer_adversarial_fast(model, layer: ConvLayer, x, x0, clean_feature, setti
     channels = layer.channels
     chunk = settings.channel_chunk or (1 if x.device.type == 'cpu' else 32)
     project = settings.steps > 1
-    if settings.steps == 1 and chunk == 1:
-        # one forward through the prefix, one backward per channel through the retained graph
+    if settings.steps == 1:
+        # one forward through the prefix; each chunk of channels' gradients in one batched backward
         start = x0.detach().requires_grad_(True)
-        feature = output_of(model, layer.conv, start)
+        losses = channel_losses(output_of(model, layer.conv, start), clean_feature, settings.objective)
+        identity = torch.eye(channels, device=x.device)
         out = torch.empty((channels,) + tuple(x.shape), device=x.device)
-        for k in range(channels):
-            loss = feature_loss(feature[:, k].unsqueeze(0), clean_feature[:, k].unsqueeze(0), settings.objective)
-            grad, = torch.autograd.grad(loss, start, retain_graph=k + 1 < channels)
-            out[k] = fgsm_step(x0, x, grad.sign(), settings.eps, project)
+        for first in range(0, channels, chunk):
+            last = min(first + chunk, channels)
+            grads, = torch.autograd.grad(losses, start, grad_outputs=identity[first:last], is_grads_batched=True,
+                                         retain_graph=last < channels)
+            out[first:last] = fgsm_step(x0, x, grads.sign(), settings.eps, project)
         return out
     out = []
     for first in range(0, channels, chunk):
@@ -119,7 +125,8 @@ def _layer_adversarial_fast(model, layer: ConvLayer, x, x0, clean_feature, setti
         for _ in range(settings.steps):
             replicas = _in_layout(current.flatten(0, 1), settings).detach().requires_grad_(True)
             feature = output_of(model, layer.conv, replicas).unflatten(0, (len(ks), len(x)))
-            loss = feature_loss(feature[torch.arange(len(ks), device=x.device), :, ks], target, settings.objective)
+            selected = feature[torch.arange(len(ks), device=x.device), :, ks]   # (K, N, h, w): replica k's map k
+            loss = channel_losses(selected, target, settings.objective, channel_dim=0).sum()
             grad, = torch.autograd.grad(loss, replicas)
             current = fgsm_step(current, x, grad.unflatten(0, (len(ks), len(x))).sign(), settings.eps, project)
         out.append(current.detach())
@@ -186,7 +193,7 @@ def rank_reference(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, sett
                     clean = outputs_of(model, [layer.conv for layer in layers], x)[index].detach()
                     start = current.detach().requires_grad_(True)
                     adv = outputs_of(model, [layer.conv for layer in layers], start)[index]
-                    loss = feature_loss(adv[:, k].unsqueeze(0), clean[:, k].unsqueeze(0), settings.objective)
+                    loss = channel_losses(adv[:, k:k + 1], clean[:, k:k + 1], settings.objective).sum()
                     grad, = torch.autograd.grad(loss, start)
                     current = fgsm_step(current, x, grad.sign(), settings.eps, project)
                 with torch.inference_mode():
