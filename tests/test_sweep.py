@@ -65,7 +65,7 @@ def check_results(root):
         assert sorted(p.name for p in (root / record / 'defense').iterdir() if not p.name.startswith('.')) == \
             sorted(EXPECTED_FOLDERS)
     table = (root / 'sweeps' / 'small' / 'results.md').read_text()
-    assert '### badnet' in table and '### blended' in table
+    assert '### badnet' in table and '### blended' in table and 'Partial' not in table
     for plot in ('acc_vs_asr.png', 'bars.png', 'curves_badnet_cifar10_mlp_s0.png'):
         assert (root / 'sweeps' / 'small' / plot).stat().st_size > 1000, plot
 
@@ -82,6 +82,10 @@ def test_a_sweep_killed_midway_resumes_and_reports_exactly_the_expected_rows(tmp
     running.send_signal(signal.SIGKILL)
     running.communicate()
     finished_before = {p.parent.name for p in root.glob('*/defense/*/defense_result.pt')}
+    partial = subprocess.run([sys.executable, '-m', 'utils.report', str(root / 'sweeps' / 'small')], cwd=REPO_ROOT,
+                             env=script_env(), capture_output=True, text=True, timeout=300)
+    assert partial.returncode == 0, describe(partial)
+    assert 'of 10 steps of this sweep have finished' in (root / 'sweeps' / 'small' / 'results.md').read_text()
     stamps = {p: p.stat().st_mtime_ns for p in root.glob('*/defense/*/defense_result.pt')}
     resumed = sweep(path, root)
     assert resumed.returncode == 0, describe(resumed)

@@ -130,9 +130,10 @@ def _cell(mean, std) -> str:
     return f'{100 * mean:.2f}' + (f' ± {100 * std:.2f}' if not pd.isna(std) else '')
 
 
-def markdown(table: pd.DataFrame) -> str:
-    lines = ['ACC, ASR and RA in percent (mean ± std over seeds), DER in [0, 1]. **Bold**: per attack, the lowest '
-             'ASR among the defenses that keep ACC within 2 points of the undefended model.', '']
+def markdown(table: pd.DataFrame, heading: str = '') -> str:
+    lines = ([heading, ''] if heading else []) + [
+        'ACC, ASR and RA in percent (mean ± std over seeds), DER in [0, 1]. **Bold**: per attack, the lowest '
+        'ASR among the defenses that keep ACC within 2 points of the undefended model.', '']
     for (dataset, model, attack), group in table.groupby(['dataset', 'model', 'attack'], dropna=False, sort=False):
         lines += [f'### {attack} ({dataset}, {model})', '', '| defense | setting | seeds | ACC | ASR | RA | DER |',
                   '|---|---|---|---|---|---|---|']
@@ -274,6 +275,22 @@ def plot_curves(metrics_csv: Path, path: Path, title: str) -> bool:
     return True
 
 
+def _progress(folder: Path, rows: list[dict]) -> str:
+    """For a sweep not yet finished, a line that says so: how many of its steps the table holds,
+    and the attacks whose rows are missing or incomplete."""
+    steps_file = folder / 'steps.json'
+    if not steps_file.exists():
+        return ''
+    steps = _read_json(steps_file)['steps']
+    if len(rows) >= len(steps):
+        return ''
+    expected = pd.Series([s['record'] for s in steps]).value_counts(sort=False)
+    found = pd.Series([r['record'] for r in rows], dtype=object).value_counts()
+    short = [f'{name} ({found.get(name, 0)} of {count})' for name, count in expected.items() if found.get(name, 0) < count]
+    return (f'**Partial: {len(rows)} of {len(steps)} steps of this sweep have finished.** Records with steps to run '
+            f'(finished of all, the attack included): {", ".join(short)}.')
+
+
 def write_report(folder: Path, record_root: Optional[Path] = None, archive: Optional[Path] = None) -> list[dict]:
     """results.csv, results.md and the plots for ``folder``."""
     folder = Path(folder)
@@ -285,7 +302,7 @@ def write_report(folder: Path, record_root: Optional[Path] = None, archive: Opti
     lines = [','.join(fields)] + [','.join('' if r[k] is None else str(r[k]).replace(',', ';') for k in fields) for r in rows]
     save_text('\n'.join(lines) + '\n', folder / 'results.csv')
     table = summarise(rows)
-    save_text(markdown(table), folder / 'results.md')
+    save_text(markdown(table, _progress(folder, rows)), folder / 'results.md')
     plot_tradeoff(table, folder / 'acc_vs_asr.png')
     plot_bars(table, folder / 'bars.png')
     root = _record_root(folder, record_root, archive) if (folder / 'steps.json').exists() else folder
