@@ -160,6 +160,9 @@ def test_tensor_digest_tells_values_dtypes_and_shapes_apart():
     assert tensor_digest(x) == tensor_digest(x.clone())
     assert len({tensor_digest(x), tensor_digest(x.reshape(2, 3)), tensor_digest(x.double()), tensor_digest(x + 1),
                 tensor_digest(x, x), tensor_digest(torch.empty(0))}) == 6
+    # 0-dim tensors (BatchNorm's num_batches_tracked in every state dict) digest, apart from 1-dim ones
+    assert len({tensor_digest(torch.tensor(3)), tensor_digest(torch.tensor([3])), tensor_digest(torch.tensor(3.0)),
+                tensor_digest(torch.tensor(4))}) == 4
 
 
 def test_load_attack_record_errors(tmp_path):

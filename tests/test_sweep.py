@@ -265,3 +265,21 @@ def test_an_attack_trained_on_another_records_model_waits_for_it():
     steps = {s.key: s for s in plan(load_sweep(REPO_ROOT / 'config' / 'sweep' / 'cifar10_cpu.yaml'), REPO_ROOT / 'record')}
     assert steps['attack:lf_cifar10'].depends == 'attack:clean_cifar10'
     assert steps['attack:badnet_cifar10'].depends is None
+
+
+def test_a_record_digest_covers_batchnorm_state_and_not_the_folder(tmp_path):
+    """The archive names an attack record by its tensors: a BatchNorm model's state dict (with its 0-dim
+    ``num_batches_tracked``) must digest, the same in any folder, and differently once a weight moves."""
+    from models import build_model
+    from utils.archive import record_digest
+    state = build_model('resnet20', 10, (3, 32, 32)).state_dict()
+    assert any(t.dim() == 0 for t in state.values())
+    paths = []
+    for name in ('a', 'b'):
+        (tmp_path / name).mkdir()
+        torch.save({'model': state, 'attack_config': {'record_root': str(tmp_path / name)}}, tmp_path / name / 'r.pt')
+        paths.append(tmp_path / name / 'r.pt')
+    assert record_digest(paths[0]) == record_digest(paths[1])
+    moved = {k: v + 1 if k == 'conv1.weight' else v for k, v in state.items()}
+    torch.save({'model': moved}, tmp_path / 'moved.pt')
+    assert record_digest(tmp_path / 'moved.pt') != record_digest(paths[0])

@@ -160,7 +160,8 @@ def tensor_digest(*tensors: torch.Tensor) -> str:
     for tensor in tensors:
         tensor = tensor.detach().cpu().contiguous()
         hasher.update(f'{tensor.dtype}{tuple(tensor.shape)}'.encode())
-        hasher.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b'')
+        # flattened first: a 0-dim tensor cannot be viewed as bytes (its shape is in the header above)
+        hasher.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b'')
     return hasher.hexdigest()
 
 
