@@ -48,7 +48,9 @@ def main(argv=None):
         print(f'failed: {key} (log: {log})')
     for key in outcome['skipped']:
         print(f'skipped (its attack failed): {key}')
-    return 1 if outcome['failed'] else 0
+    for key, error in outcome['not_archived'].items():
+        print(f'not archived: {key} ({error})')
+    return 1 if outcome['failed'] or outcome['not_archived'] else 0
 
 
 if __name__ == '__main__':

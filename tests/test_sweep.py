@@ -283,3 +283,23 @@ def test_a_record_digest_covers_batchnorm_state_and_not_the_folder(tmp_path):
     moved = {k: v + 1 if k == 'conv1.weight' else v for k, v in state.items()}
     torch.save({'model': moved}, tmp_path / 'moved.pt')
     assert record_digest(tmp_path / 'moved.pt') != record_digest(paths[0])
+
+
+def test_a_step_that_cannot_be_archived_is_reported_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    """A failing copy into the archive (a full disk, a bug) must not stop the steps that are running."""
+    import utils.sweep as sweep_module
+    archive = tmp_path / 'archive'
+    path = write_sweep(tmp_path, attacks={'badnet': {}}, defenses={'ft': {'lr': 0.01}}, archive=str(archive))
+    keep = sweep_module.keep_in_archive
+
+    def broken_for_attacks(step, record_root, archive_folder):
+        if step.kind == 'attack':
+            raise OSError('no space left on device')
+        keep(step, record_root, archive_folder)
+
+    monkeypatch.setattr(sweep_module, 'keep_in_archive', broken_for_attacks)
+    outcome = sweep_module.run_sweep(path, tmp_path / 'record', report=False)
+    assert outcome['done'] == 2 and not outcome['failed'] and not outcome['skipped']
+    assert outcome['not_archived'] == {'attack:badnet_cifar10_mlp_s0': 'OSError: no space left on device'}
+    assert (archive / 'records' / 'badnet_cifar10_mlp_s0' / 'defense' / 'ft' / 'archived.json').exists()
+    assert not (archive / 'records' / 'badnet_cifar10_mlp_s0' / 'archived.json').exists()

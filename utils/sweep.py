@@ -397,9 +397,19 @@ def run_sweep(sweep_path: Path, record_root: Path, workers: Optional[int] = None
         workers = workers or int(sweep.get('workers', 1))
         archive = sweep.get('archive')
         done = {s.key for s in steps if verified(s, record_root)}
+        not_archived: dict[str, str] = {}
+
+        def archive_step(step: Step) -> None:
+            # a step that ran stays done if its copy fails: the sweep goes on and reports it at the end
+            try:
+                keep_in_archive(step, record_root, archive)
+            except Exception as error:   # noqa: BLE001 -- any failure of the copy, named in the outcome
+                not_archived[step.key] = f'{type(error).__name__}: {error}'
+                tqdm.write(f'warning: {step.key} is done but not archived ({not_archived[step.key]})')
+
         for step in steps:
             if step.key in done:
-                keep_in_archive(step, record_root, archive)
+                archive_step(step)
         taken = taken_from_archive(steps, archive, done)
         from_archive: set[str] = set()
         looked_up: set[str] = set()   # steps whose archive entry has been checked (once: when they may run)
@@ -440,14 +450,14 @@ def run_sweep(sweep_path: Path, record_root: Path, workers: Optional[int] = None
                 bar.update(1)
                 if outcome and verified(step, record_root):
                     done.add(key)
-                    keep_in_archive(step, record_root, archive)
+                    archive_step(step)
                 else:
                     failed[key] = runner.log_path(handle)
             bar.set_postfix_str(', '.join(running) or 'waiting')
             time.sleep(0.2)
         bar.close()
     outcome = {'steps': len(steps), 'done': len(done), 'from_archive': len(from_archive), 'failed': {k: str(v) for k, v in failed.items()},
-               'skipped': skipped, 'folder': str(out)}
+               'skipped': skipped, 'not_archived': not_archived, 'folder': str(out)}
     save_json(outcome, out / 'outcome.json')
     if report:
         from .report import write_report
