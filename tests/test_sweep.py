@@ -303,3 +303,5 @@ def test_a_step_that_cannot_be_archived_is_reported_and_the_sweep_goes_on(tmp_pa
     assert outcome['not_archived'] == {'attack:badnet_cifar10_mlp_s0': 'OSError: no space left on device'}
     assert (archive / 'records' / 'badnet_cifar10_mlp_s0' / 'defense' / 'ft' / 'archived.json').exists()
     assert not (archive / 'records' / 'badnet_cifar10_mlp_s0' / 'archived.json').exists()
+    # the archive's plan is written as the sweep starts, report or not: a sweep still running can be reported
+    assert len(json.loads((archive / 'steps.json').read_text())['steps']) == 2

@@ -396,6 +396,10 @@ def run_sweep(sweep_path: Path, record_root: Path, workers: Optional[int] = None
         runner = SubprocessLauncher(logs) if kind == 'subprocess' else SubmititLauncher(logs, kind, sweep.get('slurm') or {})
         workers = workers or int(sweep.get('workers', 1))
         archive = sweep.get('archive')
+        if archive is not None:   # written first, so the archive of a sweep still running reports what it holds
+            save_json({'sweep': str(Path(sweep_path).name),
+                       'steps': [{k: v for k, v in asdict(s).items() if k != 'config'} for s in steps]},
+                      Path(archive) / 'steps.json')
         done = {s.key for s in steps if verified(s, record_root)}
         not_archived: dict[str, str] = {}
 
@@ -463,8 +467,5 @@ def run_sweep(sweep_path: Path, record_root: Path, workers: Optional[int] = None
         from .report import write_report
         write_report(out, record_root, archive)
         if archive is not None:   # the archive's own copy: its tables and plots rebuild from it alone
-            save_json({'sweep': str(Path(sweep_path).name),
-                       'steps': [{k: v for k, v in asdict(s).items() if k != 'config'} for s in steps]},
-                      archive / 'steps.json')
             write_report(archive)
     return outcome
