@@ -90,6 +90,7 @@ def test_a_sweep_killed_midway_resumes_and_reports_exactly_the_expected_rows(tmp
     resumed = sweep(path, root)
     assert resumed.returncode == 0, describe(resumed)
     assert '10 of 10 steps done' in resumed.stdout
+    assert '[10/10] done' in resumed.stdout   # a line per finished step, though the bar is off without a terminal
     assert all(p.stat().st_mtime_ns == stamp for p, stamp in stamps.items()), 'finished steps were rerun'
     assert finished_before <= {p.parent.name for p in root.glob('*/defense/*/defense_result.pt')} == EXPECTED_FOLDERS
     check_results(root)

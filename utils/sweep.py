@@ -421,6 +421,7 @@ def run_sweep(sweep_path: Path, record_root: Path, workers: Optional[int] = None
         skipped: list[str] = []
         pending = [s for s in steps if s.key not in done]
         running: dict[str, tuple[Step, Any]] = {}
+        started: dict[str, float] = {}
         bar = tqdm(total=len(steps), initial=len(done), desc=f'sweep {sweep["name"]}', disable=None)
         while pending or running:
             for step in list(pending):
@@ -445,6 +446,7 @@ def run_sweep(sweep_path: Path, record_root: Path, workers: Optional[int] = None
                 payload = {'kind': step.kind, 'method': step.method,
                            'config': step.config | launch_options(step, record_root)}
                 running[step.key] = (step, runner.launch(step, payload))
+                started[step.key] = time.time()
                 pending.remove(step)
             for key, (step, handle) in list(running.items()):
                 outcome = runner.poll(handle)
@@ -457,6 +459,9 @@ def run_sweep(sweep_path: Path, record_root: Path, workers: Optional[int] = None
                     archive_step(step)
                 else:
                     failed[key] = runner.log_path(handle)
+                # one line per finished step, also where the bar is off (a log written by nohup or a job)
+                tqdm.write(f'{time.strftime("%Y-%m-%d %H:%M")} [{len(steps) - len(pending) - len(running)}/{len(steps)}] '
+                           f'{"done" if key in done else "FAILED"} {key} ({(time.time() - started.pop(key)) / 60:.1f} min)')
             bar.set_postfix_str(', '.join(running) or 'waiting')
             time.sleep(0.2)
         bar.close()
