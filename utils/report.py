@@ -187,11 +187,15 @@ def plot_tradeoff(table: pd.DataFrame, path: Path) -> None:
     legend_columns = 2 if len(groups) == 1 else 4
     legend_inches = 0.25 * -(-len(style) // legend_columns) + 0.15
     plt, fig, axes = _panels(len(groups), 4, 4.0, 3.5, legend_inches)
+    # one ACC range for every panel, so a panel's spread reads against the others'
+    acc = 100 * table['acc_mean'].dropna()
+    acc_range = (max(0.0, acc.min() - 3), min(103.0, acc.max() + 3)) if len(acc) else (0, 100)
     for ax, ((dataset, model, attack), group) in zip(axes, groups):
         for _, r in table.loc[group.index].iterrows():
             colour, marker = style[r['label']]
             ax.scatter(100 * r['asr_mean'], 100 * r['acc_mean'], color=colour, marker=marker, s=45, alpha=0.85,
-                       edgecolors='white', linewidths=0.5)
+                       edgecolors='white', linewidths=0.5, zorder=3 if r['label'] == 'none' else 2)
+        ax.set_ylim(*acc_range)
         ax.set_title(f'{attack} ({model})', fontsize=10)
         ax.set_xlabel('ASR (%)')
         ax.set_ylabel('ACC (%)')
@@ -295,8 +299,9 @@ def write_report(folder: Path, record_root: Optional[Path] = None, archive: Opti
     """results.csv, results.md and the plots for ``folder``."""
     folder = Path(folder)
     rows = collect(folder, record_root, archive)
-    if not rows:
-        save_text('no finished records found\n', folder / 'results.md')
+    if not rows:   # a folder holding only a copied report keeps it
+        if not (folder / 'results.md').exists():
+            save_text('no finished records found\n', folder / 'results.md')
         return rows
     fields = list(rows[0])
     lines = [','.join(fields)] + [','.join('' if r[k] is None else str(r[k]).replace(',', ';') for k in fields) for r in rows]
@@ -328,6 +333,9 @@ def main(argv=None) -> int:
         print(f'error: {folder} is not a folder', file=sys.stderr)
         return 2
     rows = write_report(folder)
+    if not rows:
+        print(f'no finished records or sweep steps in {folder}; its report, if any, is left as it was')
+        return 0
     print(f'{len(rows)} rows; wrote {folder / "results.csv"}, {folder / "results.md"} and the plots')
     return 0
 
