@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
 
@@ -288,9 +289,8 @@ def _progress(folder: Path, rows: list[dict]) -> str:
     steps = _read_json(steps_file)['steps']
     if len(rows) >= len(steps):
         return ''
-    expected = pd.Series([s['record'] for s in steps]).value_counts(sort=False)
-    found = pd.Series([r['record'] for r in rows], dtype=object).value_counts()
-    short = [f'{name} ({found.get(name, 0)} of {count})' for name, count in expected.items() if found.get(name, 0) < count]
+    expected, found = Counter(s['record'] for s in steps), Counter(r['record'] for r in rows)
+    short = [f'{name} ({found[name]} of {count})' for name, count in expected.items() if found[name] < count]
     return (f'**Partial: {len(rows)} of {len(steps)} steps of this sweep have finished.** Records with steps to run '
             f'(finished of all, the attack included): {", ".join(short)}.')
 
@@ -334,7 +334,7 @@ def main(argv=None) -> int:
         return 2
     rows = write_report(folder)
     if not rows:
-        print(f'no finished records or sweep steps in {folder}; its report, if any, is left as it was')
+        print(f'no finished records or sweep steps in {folder}; a results.md already there is kept')
         return 0
     print(f'{len(rows)} rows; wrote {folder / "results.csv"}, {folder / "results.md"} and the plots')
     return 0
