@@ -46,6 +46,7 @@ from utils.fmp import OBJECTIVES, SCORES, PruneAmount, fmp_flags, random_channel
 from utils.poison import PoisonedSet
 from utils.pruning import conv_layers, highest_channels, module_order_targets, prune_channels
 from utils.record import load_attack_record, load_record_model, record_folder, save_text
+from utils.report import VERDICT_TOLERANCE as TOLERANCE, mean_std, verdict
 from utils.registry import DEFENSES
 
 FeatureMapPruning = DEFENSES.get('feature')
@@ -321,32 +322,7 @@ def after_finetuning(record_name, args, results):
                     **{k: result['metrics'][k] for k in ('acc', 'asr', 'ra')}, seconds=round(time.time() - started, 1))
 
 
-def mean_std(values):
-    values = [float(v) for v in values]
-    mean = sum(values) / len(values)
-    spread = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
-    return f'{mean:.1f} ± {spread:.1f}' if len(values) > 1 else f'{mean:.1f}'
-
-
 RELEASE_CHOICES = ('bn_bias keep', 'tie_break argsort', 'rank_augment', 'released (all four)')
-TOLERANCE = 1.0   # percentage points of ACC or ASR: a smaller difference counts for neither side
-
-
-def verdict(row, randoms) -> str:
-    """Against random maps at the same per-layer counts: 'better' only when ASR is more than TOLERANCE
-    below every random seed's and ACC not more than TOLERANCE below every seed's; 'worse' when ASR
-    is that far above every seed's, or ACC that far below every seed's without the ASR to show for
-    it; a lower ASR bought with a lower ACC is a trade-off."""
-    if not randoms:
-        return ''
-    asr, acc = float(row['asr']), float(row['acc'])
-    random_asr, random_acc = [float(r['asr']) for r in randoms], [float(r['acc']) for r in randoms]
-    lower_asr, lower_acc = asr < min(random_asr) - TOLERANCE, acc < min(random_acc) - TOLERANCE
-    if lower_asr:
-        said = 'lower ASR, lower ACC' if lower_acc else 'better'
-    else:
-        said = 'worse' if asr > max(random_asr) + TOLERANCE or lower_acc else 'no better'
-    return said + (' (one random draw)' if len(randoms) == 1 else '')
 
 
 def pick(rows, **match):

@@ -209,6 +209,9 @@ def test_fmp_cli_lowers_asr_and_keeps_acc(badnet_record):
     model.load_state_dict(defended['model'])
     summary = json.loads((out / 'summary.json').read_text())
     assert summary['rank_seconds'] > 0 and summary['finetune_seconds'] > 0
+    # what utils/report.py reads to set FMP beside its random control
+    assert summary['defense'] == 'feature' and summary['select'] == 'fraction' and summary['pruned_total'] > 0
+    assert {'acc', 'asr'} <= set(summary['after_pruning']) and summary['amount']
 
 
 @pytest.mark.parametrize('extra, message', [

@@ -9,7 +9,9 @@ commit), ``results.md`` (mean ± std over seeds; per attack, the lowest ASR amon
 keep ACC within 2 points of the undefended model is marked) and the plots: ``acc_vs_asr.png`` (every
 defense per attack: the trade-off), ``bars.png`` (ACC/ASR/RA per defense), ``fmp_scores_<record>.png``
 (FMP's per-layer channel scores, pruned channels marked) and ``curves_<record>.png`` (ACC/ASR per
-training epoch)."""
+training epoch). Where FMP ran beside its random-selection control (``select: random``, the same
+options otherwise), results.md ends with FMP against the control's draws, after pruning and after
+fine-tuning, with a verdict."""
 from __future__ import annotations
 
 import csv
@@ -23,8 +25,11 @@ import pandas as pd
 
 from .archive import RECORDS, ran_on, read_stamp
 from .record import ATTACK_RESULT, DEFENSE_RESULT, save_text
+from .runs import NOT_IDENTITY
 
 ACC_TOLERANCE = 0.02   # "keeps ACC": within 2 points of the undefended model
+VERDICT_TOLERANCE = 1.0   # percentage points of ACC or ASR: a smaller difference counts for neither side
+CONTROL_OPTIONS = {'select', 'selection_seed'}   # what FMP's random control may differ in
 
 
 def _read_json(path: Path) -> dict:
@@ -38,14 +43,16 @@ def _metrics(summary: dict, key: str) -> dict:
     return summary.get(key) or {}
 
 
-def _row(record_folder: Path, defense: str, setting: Any, summary: dict, attack_summary: dict, config: dict) -> dict:
+def _row(record_folder: Path, defense: str, setting: Any, summary: dict, attack_summary: dict, config: dict,
+         folder: Optional[Path] = None) -> dict:
+    """One table row; ``_folder`` (the run's folder) is for the report, not results.csv."""
     after = _metrics(summary, 'after') if defense != 'none' else _metrics(attack_summary, 'metrics')
     return {'record': record_folder.name, 'dataset': attack_summary.get('dataset'), 'model': attack_summary.get('model'),
             'attack': config.get('attack', attack_summary.get('attack')), 'seed': config.get('random_seed'),
             'defense': defense, 'setting': json.dumps(setting, sort_keys=True) if setting else '',
             'acc': after.get('acc'), 'asr': after.get('asr'), 'ra': after.get('ra'), 'der': after.get('der'),
             'seconds': summary.get('seconds', attack_summary.get('wall_seconds')) if defense != 'none' else attack_summary.get('wall_seconds'),
-            'commit': summary.get('commit', attack_summary.get('commit', ''))}
+            'commit': summary.get('commit', attack_summary.get('commit', '')), '_folder': folder}
 
 
 def _record_root(folder: Path, record_root: Optional[Path], archive: Optional[Path]) -> Path:
@@ -102,7 +109,7 @@ def collect(folder: Path, record_root: Optional[Path] = None, archive: Optional[
         for parent, name, label, setting in runs:
             run = _finished_run(record, name) if parent == record.name else None
             if run is not None:
-                rows.append(_row(record, label, setting, _read_json(run / 'summary.json'), attack_summary, config))
+                rows.append(_row(record, label, setting, _read_json(run / 'summary.json'), attack_summary, config, run))
     return rows
 
 
@@ -145,6 +152,80 @@ def markdown(table: pd.DataFrame, heading: str = '') -> str:
                          f"{'**' + asr + '**' if r['best'] else asr} | {_cell(r['ra_mean'], r['ra_std'])} | {der} |")
         lines.append('')
     return '\n'.join(lines)
+
+
+def mean_std(values) -> str:
+    """'mean ± sample std' of numbers, to one decimal ('mean' alone for one number)."""
+    values = [float(v) for v in values]
+    mean = sum(values) / len(values)
+    spread = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return f'{mean:.1f} ± {spread:.1f}' if len(values) > 1 else f'{mean:.1f}'
+
+
+def verdict(row, randoms) -> str:
+    """Against random maps at the same per-layer counts (ACC and ASR in percent): 'better' only when ASR
+    is more than VERDICT_TOLERANCE below every random draw's and ACC not more than that below every
+    draw's; 'worse' when ASR is that far above every draw's, or ACC that far below every draw's
+    without the ASR to show for it; a lower ASR bought with a lower ACC is a trade-off."""
+    if not randoms:
+        return ''
+    asr, acc = float(row['asr']), float(row['acc'])
+    random_asr, random_acc = [float(r['asr']) for r in randoms], [float(r['acc']) for r in randoms]
+    lower_asr, lower_acc = asr < min(random_asr) - VERDICT_TOLERANCE, acc < min(random_acc) - VERDICT_TOLERANCE
+    if lower_asr:
+        said = 'lower ASR, lower ACC' if lower_acc else 'better'
+    else:
+        said = 'worse' if asr > max(random_asr) + VERDICT_TOLERANCE or lower_acc else 'no better'
+    return said + (' (one random draw)' if len(randoms) == 1 else '')
+
+
+def fmp_against_random(rows: list[dict]) -> list[dict]:
+    """Per FMP run that has random-selection controls on the same record with otherwise the same
+    options: the number of maps pruned, and ACC / ASR in percent of FMP and of each draw, after
+    pruning (before fine-tuning) and after fine-tuning."""
+    import yaml
+    runs = []
+    for row in rows:
+        folder = row.get('_folder')
+        summary = _read_json(folder / 'summary.json') if folder is not None else {}
+        if summary.get('defense') != 'feature' or not (folder / 'config.yaml').exists():
+            continue
+        config = yaml.safe_load((folder / 'config.yaml').read_text()) or {}
+        key = json.dumps({k: v for k, v in config.items() if k not in NOT_IDENTITY | CONTROL_OPTIONS}, sort_keys=True, default=str)
+        stages = {stage: {m: 100 * _metrics(summary, stage).get(m, float('nan')) for m in ('acc', 'asr')}
+                  for stage in ('after_pruning', 'after')}
+        runs.append({'row': row, 'key': (row['record'], key), 'select': summary.get('select'),
+                     'amount': summary.get('amount', ''), 'maps': summary.get('pruned_total'), **stages})
+    compared = []
+    for run in runs:
+        controls = [r for r in runs if r['key'] == run['key'] and r['select'] == 'random']
+        if run['select'] != 'random' and controls:
+            compared.append({'record': run['row']['record'], 'defense': run['row']['defense'],
+                             'amount': run['amount'], 'maps': run['maps'], 'select': run['select'],
+                             'fmp': {s: run[s] for s in ('after_pruning', 'after')},
+                             'random': [{s: r[s] for s in ('after_pruning', 'after')} for r in controls]})
+    return compared
+
+
+def control_markdown(compared: list[dict]) -> str:
+    """results.md's closing section: FMP against its random control, stage by stage."""
+    if not compared:
+        return ''
+    lines = ['', "## FMP's ranking against random maps at the same per-layer counts", '',
+             'ACC / ASR in percent on the whole test sets; random: mean ± std over its draws (the same options but '
+             f'`select: random`, one `selection_seed` each). Verdict: *better* only when FMP\'s ASR is more than '
+             f'{VERDICT_TOLERANCE:g} point below every draw\'s and its ACC not more than {VERDICT_TOLERANCE:g} point below '
+             'every draw\'s; *worse* when its ASR is that far above every draw\'s, or its ACC that far below without a '
+             'lower ASR.', '',
+             '| record | FMP run | amount | maps | stage | FMP ACC / ASR | random ACC / ASR | draws | verdict |',
+             '|---|---|---|---|---|---|---|---|---|']
+    for c in compared:
+        for stage, said in (('after_pruning', 'pruned'), ('after', 'fine-tuned')):
+            fmp, randoms = c['fmp'][stage], [r[stage] for r in c['random']]
+            lines.append(f"| {c['record']} | {c['defense']} | {c['amount']} | {c['maps']} | {said} | "
+                         f"{fmp['acc']:.1f} / {fmp['asr']:.1f} | {mean_std(r['acc'] for r in randoms)} / "
+                         f"{mean_std(r['asr'] for r in randoms)} | {len(randoms)} | {verdict(fmp, randoms)} |")
+    return '\n'.join(lines) + '\n'
 
 
 def _pyplot():
@@ -303,11 +384,11 @@ def write_report(folder: Path, record_root: Optional[Path] = None, archive: Opti
         if not (folder / 'results.md').exists():
             save_text('no finished records found\n', folder / 'results.md')
         return rows
-    fields = list(rows[0])
+    fields = [k for k in rows[0] if not k.startswith('_')]
     lines = [','.join(fields)] + [','.join('' if r[k] is None else str(r[k]).replace(',', ';') for k in fields) for r in rows]
     save_text('\n'.join(lines) + '\n', folder / 'results.csv')
     table = summarise(rows)
-    save_text(markdown(table, _progress(folder, rows)), folder / 'results.md')
+    save_text(markdown(table, _progress(folder, rows)) + control_markdown(fmp_against_random(rows)), folder / 'results.md')
     plot_tradeoff(table, folder / 'acc_vs_asr.png')
     plot_bars(table, folder / 'bars.png')
     root = _record_root(folder, record_root, archive) if (folder / 'steps.json').exists() else folder
