@@ -16,16 +16,18 @@ def _run(tmp_path, name, select, asr, acc=80.0, pruned_asr=50.0, selection_seed=
     summary = {'defense': defense, 'select': select, 'amount': '1/16 per layer (floor)', 'pruned_total': 49,
                'after_pruning': {'acc': 0.6, 'asr': pruned_asr / 100}, 'after': {'acc': acc / 100, 'asr': asr / 100}}
     (folder / 'summary.json').write_text(json.dumps(summary))
-    return {'record': 'rec', 'defense': name, '_folder': folder}
+    return {'record': 'rec', 'defense': name, '_folder': folder, '_summary': summary}
 
 
 def test_fmp_is_set_beside_the_draws_that_differ_from_it_only_in_selection(tmp_path):
-    rows = [{'record': 'rec', 'defense': 'none', '_folder': None},
+    rows = [{'record': 'rec', 'defense': 'none', '_folder': None, '_summary': {}},
             _run(tmp_path, 'fmp', 'fraction', asr=10.0, pruned_asr=5.0),
             _run(tmp_path, 'random0', 'random', asr=40.0, pruned_asr=60.0),
             _run(tmp_path, 'random1', 'random', asr=20.0, pruned_asr=40.0, selection_seed=1),
             _run(tmp_path, 'random_other_eps', 'random', asr=0.0, eps=0.1),      # other options: not its control
-            _run(tmp_path, 'ft', 'fraction', asr=0.0, defense='ft')]
+            _run(tmp_path, 'ft', 'fraction', asr=0.0, defense='ft'),
+            _run(tmp_path, 'oracle', 'oracle_trigger', asr=0.0),      # not FMP: a ceiling, not compared
+            _run(tmp_path, 'kmeans', 'kmeans', asr=0.0)]              # other counts than the draws'
     compared = fmp_against_random(rows)
     assert len(compared) == 1 and compared[0]['defense'] == 'fmp' and len(compared[0]['random']) == 2
     assert [r['after']['asr'] for r in compared[0]['random']] == [40.0, 20.0]

@@ -45,14 +45,15 @@ def _metrics(summary: dict, key: str) -> dict:
 
 def _row(record_folder: Path, defense: str, setting: Any, summary: dict, attack_summary: dict, config: dict,
          folder: Optional[Path] = None) -> dict:
-    """One table row; ``_folder`` (the run's folder) is for the report, not results.csv."""
+    """One table row; ``_folder`` and ``_summary`` (the run's folder and summary) are for the report,
+    not results.csv."""
     after = _metrics(summary, 'after') if defense != 'none' else _metrics(attack_summary, 'metrics')
     return {'record': record_folder.name, 'dataset': attack_summary.get('dataset'), 'model': attack_summary.get('model'),
             'attack': config.get('attack', attack_summary.get('attack')), 'seed': config.get('random_seed'),
             'defense': defense, 'setting': json.dumps(setting, sort_keys=True) if setting else '',
             'acc': after.get('acc'), 'asr': after.get('asr'), 'ra': after.get('ra'), 'der': after.get('der'),
             'seconds': summary.get('seconds', attack_summary.get('wall_seconds')) if defense != 'none' else attack_summary.get('wall_seconds'),
-            'commit': summary.get('commit', attack_summary.get('commit', '')), '_folder': folder}
+            'commit': summary.get('commit', attack_summary.get('commit', '')), '_folder': folder, '_summary': summary}
 
 
 def _record_root(folder: Path, record_root: Optional[Path], archive: Optional[Path]) -> Path:
@@ -180,14 +181,14 @@ def verdict(row, randoms) -> str:
 
 
 def fmp_against_random(rows: list[dict]) -> list[dict]:
-    """Per FMP run that has random-selection controls on the same record with otherwise the same
-    options: the number of maps pruned, and ACC / ASR in percent of FMP and of each draw, after
-    pruning (before fine-tuning) and after fine-tuning."""
+    """Per FMP run (``select: fraction``, whose per-layer counts the random control draws at) that has
+    random-selection controls on the same record with otherwise the same options: the number of maps
+    pruned, and ACC / ASR in percent of FMP and of each draw, after pruning (before fine-tuning) and
+    after fine-tuning."""
     import yaml
     runs = []
     for row in rows:
-        folder = row.get('_folder')
-        summary = _read_json(folder / 'summary.json') if folder is not None else {}
+        folder, summary = row['_folder'], row['_summary']
         if summary.get('defense') != 'feature' or not (folder / 'config.yaml').exists():
             continue
         config = yaml.safe_load((folder / 'config.yaml').read_text()) or {}
@@ -199,9 +200,9 @@ def fmp_against_random(rows: list[dict]) -> list[dict]:
     compared = []
     for run in runs:
         controls = [r for r in runs if r['key'] == run['key'] and r['select'] == 'random']
-        if run['select'] != 'random' and controls:
+        if run['select'] == 'fraction' and controls:
             compared.append({'record': run['row']['record'], 'defense': run['row']['defense'],
-                             'amount': run['amount'], 'maps': run['maps'], 'select': run['select'],
+                             'amount': run['amount'], 'maps': run['maps'],
                              'fmp': {s: run[s] for s in ('after_pruning', 'after')},
                              'random': [{s: r[s] for s in ('after_pruning', 'after')} for r in controls]})
     return compared
