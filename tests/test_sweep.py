@@ -316,3 +316,28 @@ def test_a_step_that_cannot_be_archived_is_reported_and_the_sweep_goes_on(tmp_pa
     assert not (archive / 'records' / 'badnet_cifar10_mlp_s0' / 'archived.json').exists()
     # the archive's plan is written as the sweep starts, report or not: a sweep still running can be reported
     assert len(json.loads((archive / 'steps.json').read_text())['steps']) == 2
+
+
+def test_a_running_sweep_keeps_its_report_and_its_archives_current(tmp_path, monkeypatch):
+    """A sweep killed after a step leaves tables that hold that step (here rebuilt after every step)."""
+    import utils.report as report_module
+    import utils.sweep as sweep_module
+    archive = tmp_path / 'archive'
+    path = write_sweep(tmp_path, attacks={'badnet': {}}, defenses={'ft': {'lr': [0.01, 0.02]}}, archive=str(archive))
+    monkeypatch.setattr(sweep_module, 'REPORT_EVERY_S', 0)
+    first_lines: list[tuple[str, str]] = []
+    write_report = report_module.write_report
+
+    def spy(folder, *args):
+        rows = write_report(folder, *args)
+        first_lines.append((Path(folder).name, (Path(folder) / 'results.md').read_text().splitlines()[0]))
+        return rows
+
+    monkeypatch.setattr(report_module, 'write_report', spy)
+    outcome = sweep_module.run_sweep(path, tmp_path / 'record')
+    assert outcome['done'] == 3 and not outcome['failed']
+    # after the attack, before its defenses could start: the sweep's table and the archive's, one row each
+    assert first_lines[:2] == [('small', '**Partial: 1 of 3 steps of this sweep have finished.** Records with steps '
+                                         'to run (finished of all, the attack included): badnet_cifar10_mlp_s0 (1 of 3).'),
+                               ('archive', first_lines[0][1])]
+    assert not first_lines[-1][1].startswith('**Partial') and first_lines[-1][0] == 'archive'

@@ -12,6 +12,8 @@ slurm``; ``local`` runs submitit's local executor), by one scheduler that honour
 (a defense waits for its attack; an attack trained on another's record, e.g. ``clean_model``, for it).
 With ``archive:`` set, every step that verifies is also kept, without weights, in that folder
 (:mod:`utils.archive`), and a step found there with its options counts as done on any disk.
+While it runs, the sweep's report (and its archive's) is rebuilt after a finished step, at most every
+``REPORT_EVERY_S``: a sweep that is killed leaves tables at most that far behind its steps.
 
     python sweep.py --yaml_path config/sweep/demo_cpu.yaml
 """
@@ -41,6 +43,7 @@ from .runs import FolderLock, NOT_IDENTITY, check_record_hash, folder_in_use, sa
 SWEEP_KEYS = {'name', 'datasets', 'models', 'seeds', 'attacks', 'defenses', 'recipe', 'defense_recipe', 'record_name',
               'launcher', 'workers', 'slurm', 'archive'}
 LAUNCHERS = ('subprocess', 'local', 'slurm')
+REPORT_EVERY_S = 600   # a running sweep rebuilds its tables and plots after a step at most this often
 DEFAULT_RECORD_NAME = '{attack}_{dataset}_{model}_s{seed}'
 
 
@@ -423,6 +426,7 @@ def run_sweep(sweep_path: Path, record_root: Path, workers: Optional[int] = None
         running: dict[str, tuple[Step, Any]] = {}
         started: dict[str, float] = {}
         bar = tqdm(total=len(steps), initial=len(done), desc=f'sweep {sweep["name"]}', disable=None)
+        last_report = time.time()
         while pending or running:
             for step in list(pending):
                 if step.depends in failed or step.depends in skipped:
@@ -462,6 +466,12 @@ def run_sweep(sweep_path: Path, record_root: Path, workers: Optional[int] = None
                 # one line per finished step, also where the bar is off (a log written by nohup or a job)
                 tqdm.write(f'{time.strftime("%Y-%m-%d %H:%M")} [{len(steps) - len(pending) - len(running)}/{len(steps)}] '
                            f'{"done" if key in done else "FAILED"} {key} ({(time.time() - started.pop(key)) / 60:.1f} min)')
+                if report and key in done and (pending or running) and time.time() - last_report >= REPORT_EVERY_S:
+                    try:   # the running steps go on meanwhile; a report that fails is retried after the next step
+                        write_reports(out, record_root, archive)
+                        last_report = time.time()
+                    except Exception as error:   # noqa: BLE001 -- the steps matter more than their table
+                        tqdm.write(f'warning: the report could not be rebuilt ({type(error).__name__}: {error})')
             bar.set_postfix_str(', '.join(running) or 'waiting')
             time.sleep(0.2)
         bar.close()
@@ -469,8 +479,13 @@ def run_sweep(sweep_path: Path, record_root: Path, workers: Optional[int] = None
                'skipped': skipped, 'not_archived': not_archived, 'folder': str(out)}
     save_json(outcome, out / 'outcome.json')
     if report:
-        from .report import write_report
-        write_report(out, record_root, archive)
-        if archive is not None:   # the archive's own copy: its tables and plots rebuild from it alone
-            write_report(archive)
+        write_reports(out, record_root, archive)
     return outcome
+
+
+def write_reports(out: Path, record_root: Path, archive: Optional[Path]) -> None:
+    """The sweep's tables and plots, and its archive's own copy (rebuilt from the archive alone)."""
+    from .report import write_report
+    write_report(out, record_root, archive)
+    if archive is not None:
+        write_report(archive)
