@@ -202,3 +202,76 @@ def test_augment_keeps_range_and_is_deterministic(cifar10):
     assert torch.equal(first, augment(images, torch.Generator().manual_seed(5), hflip=True))
     assert not torch.equal(first, augment(images, torch.Generator().manual_seed(6), hflip=True))
     assert torch.equal(images, to_float(cifar10[0].images[:64]))   # the input is not modified
+
+
+# --------------------------------------------------------------------------- CIFAR-100 and GTSRB, on synthetic files
+def test_cifar100_reads_the_fine_labels_of_its_pickle_layout(tmp_path):
+    folder = tmp_path / 'cifar100' / 'cifar-100-python'
+    folder.mkdir(parents=True)
+    g = torch.Generator().manual_seed(1)
+    written = {}
+    for name, count in (('train', 5), ('test', 3)):
+        images = torch.randint(0, 256, (count, 3, 32, 32), generator=g, dtype=torch.uint8)
+        fine = torch.randint(0, 100, (count,), generator=g)
+        batch = {'data': images.reshape(count, -1).numpy(), 'fine_labels': fine.tolist(),
+                 'coarse_labels': (fine // 5).tolist()}
+        (folder / name).write_bytes(pickle.dumps(batch))
+        written[name] = (images, fine)
+    with pytest.warns(UserWarning, match='md5'):
+        train, test = load_dataset('cifar100', tmp_path)
+    for split, name in ((train, 'train'), (test, 'test')):
+        assert torch.equal(split.images, written[name][0]) and torch.equal(split.labels, written[name][1])
+    assert dataset_spec('cifar100').num_classes == 100
+
+
+def write_fake_gtsrb(root, sizes=((40, 31), (15, 15), (250, 120)), classes=(0, 42)):
+    """torchvision's GTSRB layout under ``root/gtsrb``: one solid-colour .ppm per class and size (the
+    real images range from 15x15 to 250x250 pixels), the test images listed in GT-final_test.csv."""
+    from PIL import Image
+    base = root / 'gtsrb'
+    rows, expected = ['Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId'], {'train': [], 'test': []}
+    for label in classes:
+        colour = (label * 6, 255 - label * 6, 7 + label)
+        for index, (width, height) in enumerate(sizes):
+            image = Image.new('RGB', (width, height), colour)
+            train_folder = base / 'GTSRB' / 'Training' / f'{label:05d}'
+            train_folder.mkdir(parents=True, exist_ok=True)
+            image.save(train_folder / f'00000_{index:05d}.ppm')
+            test_folder = base / 'GTSRB' / 'Final_Test' / 'Images'
+            test_folder.mkdir(parents=True, exist_ok=True)
+            filename = f'{label:03d}{index:02d}.ppm'
+            image.save(test_folder / filename)
+            rows.append(f'{filename};{width};{height};0;0;{width - 1};{height - 1};{label}')
+            expected['train'].append((label, colour))
+            expected['test'].append((label, colour))
+    (base / 'GT-final_test.csv').write_text('\n'.join(rows) + '\n')
+    return expected
+
+
+@pytest.mark.parametrize('layout', ['gtsrb', 'gtsrb/gtsrb'])
+def test_gtsrb_reads_torchvisions_layout_resized_to_32(tmp_path, layout, monkeypatch):
+    def offline(*args, **kwargs):
+        raise AssertionError('the images are there: nothing should be downloaded')
+
+    monkeypatch.setattr(torchvision.datasets.gtsrb, 'download_and_extract_archive', offline)
+    expected = write_fake_gtsrb(tmp_path / layout[:-len('gtsrb')] if layout != 'gtsrb' else tmp_path)
+    train, test = load_dataset('gtsrb', tmp_path)
+    for split, name in ((train, 'train'), (test, 'test')):
+        assert split.images.shape == (len(expected[name]), 3, 32, 32) and split.images.dtype == torch.uint8
+        got = sorted((int(label), tuple(image[:, 16, 16].tolist())) for image, label in zip(split.images, split.labels))
+        assert got == sorted(expected[name])
+        # a solid image stays solid through the resize, whatever its size
+        assert all(torch.equal(image, image[:, :1, :1].expand_as(image)) for image in split.images)
+    spec = dataset_spec('gtsrb')
+    assert (spec.num_classes, spec.hflip) == (43, False)   # signs are not mirror-symmetric
+
+
+def test_gtsrb_missing_is_one_line_naming_where_it_looked(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise RuntimeError('offline (no network in this test)')
+
+    monkeypatch.setattr(torchvision.datasets.gtsrb, 'download_and_extract_archive', offline)
+    with pytest.raises(UserError) as info:
+        load_dataset('gtsrb', tmp_path)
+    message = str(info.value)
+    assert '\n' not in message and str(tmp_path / 'gtsrb' / 'GTSRB') in message and 'offline' in message

@@ -1,6 +1,7 @@
 """Datasets as in-memory uint8 tensors, class-balanced subsets and batched augmentation."""
 from __future__ import annotations
 
+import csv
 import hashlib
 import pickle
 import warnings
@@ -158,22 +159,44 @@ def load_cifar100(path: Path) -> tuple[Split, Split]:
 @register_dataset('gtsrb', num_classes=43, input_shape=(3, 32, 32),
                   mean=(0.3403, 0.3121, 0.3214), std=(0.2724, 0.2608, 0.2669), hflip=False)
 def load_gtsrb(path: Path) -> tuple[Split, Split]:
-    """GTSRB through torchvision (downloaded when absent), every image resized to 32x32."""
+    """GTSRB in torchvision's layout (``path/gtsrb/GTSRB/Training/<class>/*.ppm``, the test images in
+    ``Final_Test/Images`` with ``GT-final_test.csv``; downloaded there when absent), every image resized
+    to 32x32. ``path/gtsrb/gtsrb/...`` (torchvision pointed at ``path/gtsrb``) is read too."""
     import torchvision.datasets as tvd
+    from PIL import Image
     from torchvision.transforms.functional import pil_to_tensor, resize
 
-    root = path / 'gtsrb'
+    candidates = [path, path / 'gtsrb']   # torchvision's root: it adds 'gtsrb' itself
+    root = next((c for c in candidates if (c / 'gtsrb' / 'GTSRB').is_dir()), path)
+
+    def samples(split: str) -> list[tuple[Path, int]]:
+        """Every image with its class: a training image's class is its folder's number (00000 to
+        00042), not its folder's rank, so a copy missing a class keeps the others' labels."""
+        base = root / 'gtsrb'
+        if split == 'train':
+            files = sorted((base / 'GTSRB' / 'Training').glob('*/*.ppm'))
+            if not all(f.parent.name.isdigit() for f in files):
+                raise UserError(f'{base / "GTSRB" / "Training"}: class folders must be numbers (00000 to 00042)')
+            return [(f, int(f.parent.name)) for f in files]
+        with open(base / 'GT-final_test.csv', newline='') as handle:
+            return [(base / 'GTSRB' / 'Final_Test' / 'Images' / row['Filename'], int(row['ClassId']))
+                    for row in csv.DictReader(handle, delimiter=';', skipinitialspace=True)]
 
     def read(split: str) -> Split:
         try:
-            data = tvd.GTSRB(str(root), split=split, download=True)
-        except Exception as exc:
-            raise UserError(f'GTSRB not found in {root} and the download failed ({type(exc).__name__})') from None
-        images, labels = [], []
-        for img, label in data:
-            images.append(resize(pil_to_tensor(img.convert('RGB')), [32, 32], antialias=True))
-            labels.append(label)
-        return Split(torch.stack(images), torch.tensor(labels, dtype=torch.int64))
+            tvd.GTSRB(str(root), split=split, download=True)   # downloads what is absent
+            listed = samples(split)
+            images = [resize(pil_to_tensor(Image.open(f).convert('RGB')), [32, 32], antialias=True) for f, _ in listed]
+        except UserError:
+            raise
+        except Exception as exc:  # no network, a partial copy, an unreadable image ...
+            looked = ', '.join(str(c / 'gtsrb' / 'GTSRB') for c in candidates)
+            raise UserError(f'GTSRB {split} split not readable (looked in {looked}; download into {root / "gtsrb"}): '
+                            f'{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ""}') from None
+        labels = torch.tensor([label for _, label in listed], dtype=torch.int64)
+        if not listed or labels.min() < 0 or labels.max() > 42:
+            raise UserError(f'GTSRB {split} split in {root / "gtsrb"}: no images, or classes outside 0 to 42')
+        return Split(torch.stack(images), labels)
 
     return read('train'), read('test')
 
