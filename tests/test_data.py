@@ -248,13 +248,13 @@ def write_fake_gtsrb(root, sizes=((40, 31), (15, 15), (250, 120)), classes=(0, 4
     return expected
 
 
-@pytest.mark.parametrize('layout', ['gtsrb', 'gtsrb/gtsrb'])
-def test_gtsrb_reads_torchvisions_layout_resized_to_32(tmp_path, layout, monkeypatch):
+@pytest.mark.parametrize('torchvision_root', ['', 'gtsrb'])   # data/gtsrb/GTSRB and data/gtsrb/gtsrb/GTSRB
+def test_gtsrb_reads_torchvisions_layout_resized_to_32(tmp_path, torchvision_root, monkeypatch):
     def offline(*args, **kwargs):
         raise AssertionError('the images are there: nothing should be downloaded')
 
     monkeypatch.setattr(torchvision.datasets.gtsrb, 'download_and_extract_archive', offline)
-    expected = write_fake_gtsrb(tmp_path / layout[:-len('gtsrb')] if layout != 'gtsrb' else tmp_path)
+    expected = write_fake_gtsrb(tmp_path / torchvision_root)
     train, test = load_dataset('gtsrb', tmp_path)
     for split, name in ((train, 'train'), (test, 'test')):
         assert split.images.shape == (len(expected[name]), 3, 32, 32) and split.images.dtype == torch.uint8

@@ -99,6 +99,12 @@ CIFAR_FILES = {
 }
 
 
+def _describe(exc: Exception) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    text = str(exc)
+    return f'{type(exc).__name__}: {text.splitlines()[0] if text else ""}'
+
+
 def _download_cifar(tv_class_name: str, target: Path, candidates: list[Path]) -> None:
     """Download through torchvision into ``target``; a one-line error when that fails."""
     import torchvision.datasets as tvd
@@ -109,7 +115,7 @@ def _download_cifar(tv_class_name: str, target: Path, candidates: list[Path]) ->
     except Exception as exc:  # no network, no permission, interrupted download ...
         looked = ', '.join(str(c) for c in dict.fromkeys(candidates))
         raise UserError(f'{tv_class_name} not found (looked in {looked}) and the download into {target} '
-                        f'failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ""})') from None
+                        f'failed ({_describe(exc)})') from None
 
 
 def _cifar_candidates(path: Path, tv_class_name: str) -> list[Path]:
@@ -168,34 +174,36 @@ def load_gtsrb(path: Path) -> tuple[Split, Split]:
 
     candidates = [path, path / 'gtsrb']   # torchvision's root: it adds 'gtsrb' itself
     root = next((c for c in candidates if (c / 'gtsrb' / 'GTSRB').is_dir()), path)
+    base = root / 'gtsrb'
+    image_folders = {'train': base / 'GTSRB' / 'Training', 'test': base / 'GTSRB' / 'Final_Test' / 'Images'}
 
     def samples(split: str) -> list[tuple[Path, int]]:
         """Every image with its class: a training image's class is its folder's number (00000 to
         00042), not its folder's rank, so a copy missing a class keeps the others' labels."""
-        base = root / 'gtsrb'
         if split == 'train':
-            files = sorted((base / 'GTSRB' / 'Training').glob('*/*.ppm'))
+            files = sorted(image_folders['train'].glob('*/*.ppm'))
             if not all(f.parent.name.isdigit() for f in files):
-                raise UserError(f'{base / "GTSRB" / "Training"}: class folders must be numbers (00000 to 00042)')
+                raise UserError(f'{image_folders["train"]}: class folders must be numbers (00000 to 00042)')
             return [(f, int(f.parent.name)) for f in files]
         with open(base / 'GT-final_test.csv', newline='') as handle:
-            return [(base / 'GTSRB' / 'Final_Test' / 'Images' / row['Filename'], int(row['ClassId']))
+            return [(image_folders['test'] / row['Filename'], int(row['ClassId']))
                     for row in csv.DictReader(handle, delimiter=';', skipinitialspace=True)]
 
     def read(split: str) -> Split:
         try:
-            tvd.GTSRB(str(root), split=split, download=True)   # downloads what is absent
+            if not image_folders[split].is_dir():   # torchvision downloads the split into root/gtsrb
+                tvd.GTSRB(str(root), split=split, download=True)
             listed = samples(split)
             images = [resize(pil_to_tensor(Image.open(f).convert('RGB')), [32, 32], antialias=True) for f, _ in listed]
         except UserError:
             raise
         except Exception as exc:  # no network, a partial copy, an unreadable image ...
             looked = ', '.join(str(c / 'gtsrb' / 'GTSRB') for c in candidates)
-            raise UserError(f'GTSRB {split} split not readable (looked in {looked}; download into {root / "gtsrb"}): '
-                            f'{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ""}') from None
+            raise UserError(f'GTSRB {split} split not readable (looked in {looked}; download into {base}): '
+                            f'{_describe(exc)}') from None
         labels = torch.tensor([label for _, label in listed], dtype=torch.int64)
         if not listed or labels.min() < 0 or labels.max() > 42:
-            raise UserError(f'GTSRB {split} split in {root / "gtsrb"}: no images, or classes outside 0 to 42')
+            raise UserError(f'GTSRB {split} split in {base}: no images, or classes outside 0 to 42')
         return Split(torch.stack(images), labels)
 
     return read('train'), read('test')
