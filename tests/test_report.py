@@ -1,9 +1,10 @@
 """utils/report.py: FMP set beside its random-selection control, from the run folders alone."""
 import json
 
+import pandas as pd
 import yaml
 
-from utils.report import control_markdown, fmp_against_random, verdict
+from utils.report import _labels, control_markdown, fmp_against_random, verdict
 
 
 def _run(tmp_path, name, select, asr, acc=80.0, pruned_asr=50.0, selection_seed=None, eps=0.06, defense='feature'):
@@ -45,3 +46,19 @@ def test_verdict_needs_every_draw_beaten_and_calls_a_trade_off_one():
     assert verdict({'acc': 80, 'asr': 31.5}, draws) == 'worse'
     assert verdict({'acc': 80, 'asr': 50}, draws[:1]) == 'worse (one random draw)'
     assert verdict({'acc': 80, 'asr': 50}, []) == ''
+
+
+def test_a_plot_names_a_setting_by_the_options_that_tell_it_from_its_siblings():
+    draw = {'prune_exponent': 4, 'select': 'random'}
+    table = pd.DataFrame([
+        {'defense': 'none', 'setting': ''},
+        {'defense': 'ft', 'setting': json.dumps({'epochs': 10})},                  # one setting: no suffix
+        {'defense': 'draw', 'setting': json.dumps(dict(draw, selection_seed=1), sort_keys=True)},
+        {'defense': 'draw', 'setting': json.dumps(dict(draw, selection_seed=2), sort_keys=True)},
+        {'defense': 'fmp', 'setting': json.dumps({'prune_exponent': 4, 'eps': 0.06})},
+        {'defense': 'fmp', 'setting': json.dumps({'prune_exponent': 3})},          # eps only in one of them
+        {'defense': 'odd', 'setting': 'not json'},
+        {'defense': 'odd', 'setting': 'also not json'}])
+    assert _labels(table) == ['none', 'ft', 'draw selection_seed=1', 'draw selection_seed=2',
+                              'fmp eps=0.06 prune_exponent=4', 'fmp prune_exponent=3',
+                              'odd not json', 'odd also not json']

@@ -238,10 +238,30 @@ def _pyplot():
 
 def _labels(table: pd.DataFrame) -> list[str]:
     """Each row's name in the plots: its defense, with its setting only where one defense appears
-    with several settings (the sweep's axes)."""
-    settings = table.groupby('defense', sort=False)['setting'].nunique()
-    return [r['defense'] + (f" {r['setting']}" if r['setting'] and settings[r['defense']] > 1 else '')
-            for _, r in table.iterrows()]
+    with several settings (the sweep's axes), and of that setting only the options whose values
+    differ between them (``selection_seed=1``, not the whole option set)."""
+    def options(setting) -> dict:
+        try:
+            parsed = json.loads(setting) if setting else {}
+        except (TypeError, ValueError):
+            parsed = None
+        return parsed if isinstance(parsed, dict) else {'': setting}
+
+    varying = {}
+    for defense, settings in table.groupby('defense', sort=False)['setting']:
+        parsed = [options(s) for s in settings.unique()]
+        if len(parsed) > 1:
+            keys = sorted({k for p in parsed for k in p})
+            varying[defense] = [k for k in keys if len({json.dumps(p.get(k), sort_keys=True) for p in parsed}) > 1]
+
+    def label(defense: str, setting) -> str:
+        if defense not in varying or not setting:
+            return defense
+        chosen = options(setting)
+        shown = ' '.join(str(chosen[k]) if k == '' else f'{k}={chosen[k]}' for k in varying[defense] if k in chosen)
+        return f'{defense} {shown}' if shown else defense
+
+    return [label(r['defense'], r['setting']) for _, r in table.iterrows()]
 
 
 def _panels(count: int, columns: int, width: float, height: float, below: float = 0.0):
