@@ -247,17 +247,18 @@ def _labels(table: pd.DataFrame) -> list[str]:
             parsed = None
         return parsed if isinstance(parsed, dict) else {'': setting}
 
+    parsed = {setting: options(setting) for setting in table['setting'].unique()}   # each setting read once
     varying = {}
     for defense, settings in table.groupby('defense', sort=False)['setting']:
-        parsed = [options(s) for s in settings.unique()]
-        if len(parsed) > 1:
-            keys = sorted({k for p in parsed for k in p})
-            varying[defense] = [k for k in keys if len({json.dumps(p.get(k), sort_keys=True) for p in parsed}) > 1]
+        siblings = [parsed[s] for s in settings.unique()]
+        if len(siblings) > 1:
+            keys = sorted({k for p in siblings for k in p})
+            varying[defense] = [k for k in keys if len({json.dumps(p.get(k), sort_keys=True) for p in siblings}) > 1]
 
     def label(defense: str, setting) -> str:
         if defense not in varying or not setting:
             return defense
-        chosen = options(setting)
+        chosen = parsed[setting]
         shown = ' '.join(str(chosen[k]) if k == '' else f'{k}={chosen[k]}' for k in varying[defense] if k in chosen)
         return f'{defense} {shown}' if shown else defense
 
